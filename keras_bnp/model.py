@@ -1,0 +1,64 @@
+"""`BNPMixin`: the training step that feeds layer inputs to `BNP`."""
+
+import keras
+
+from keras_bnp import registry
+from keras_bnp.optimizer import BNP
+
+
+def find_bnp(optimizer):
+    """The `BNP` inside `optimizer` (e.g. under a LossScaleOptimizer)."""
+    while optimizer is not None and not isinstance(optimizer, BNP):
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return optimizer
+
+
+class BNPMixin:
+    """Lets a Keras model train with the `BNP` optimizer.
+
+    Put it first among the bases: `class Net(BNPMixin, keras.Model)`. It
+    overrides only `train_step`, and only to record the inputs of the
+    model's Dense/Conv layers during the forward pass; loss, metrics and the
+    optimizer call are Keras' own `train_step`. `evaluate` and `predict` are
+    untouched. With an optimizer other than `BNP` the model trains exactly
+    as without the mixin.
+
+    Do not subclass a class that was also used as `BNPModel(inputs,
+    outputs)`: Keras rewrites the bases of such a class to `Functional`.
+    """
+
+    def train_step(self, data):
+        bnp = find_bnp(self.optimizer)
+        if bnp is None:
+            return super().train_step(data)
+        with bnp.capture(self):
+            return super().train_step(data)
+
+    def make_train_function(self, force=False):
+        # Create the statistics outside the traced step (and under the
+        # model's distribution strategy) for every layer already built.
+        bnp = find_bnp(self.optimizer)
+        if bnp is not None:
+            with self.distribute_strategy.scope():
+                bnp.track(registry.supported_layers(self))
+        return super().make_train_function(force=force)
+
+    def compile_from_config(self, config):
+        # Loading a saved model builds the optimizer here, before its
+        # variables are restored: the statistics must exist by then.
+        super().compile_from_config(config)
+        bnp = find_bnp(getattr(self, "optimizer", None))
+        if bnp is not None:
+            bnp.track(registry.supported_layers(self))
+
+
+@keras.saving.register_keras_serializable(package="keras_bnp")
+class BNPModel(BNPMixin, keras.Model):
+    """A functional `keras.Model` that trains with `BNP`:
+    `BNPModel(inputs, outputs)`. Wrap an existing functional model (e.g. from
+    `keras.applications`) as `BNPModel(base.inputs, base.outputs)`."""
+
+
+@keras.saving.register_keras_serializable(package="keras_bnp")
+class BNPSequential(BNPMixin, keras.Sequential):
+    """A `keras.Sequential` that trains with `BNP`."""

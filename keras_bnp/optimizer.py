@@ -1,0 +1,481 @@
+"""`BNP`: preconditions layer gradients, then applies an inner optimizer."""
+
+import contextlib
+import dataclasses
+import math
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_bnp import preconditioner
+from keras_bnp import registry
+from keras_bnp import statistics
+
+_BASE_ARGUMENTS = (
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+)
+_MISSING_CAPTURE = (
+    "BNP needs the inputs of the model's Dense/Conv layers, which only a "
+    "model with `keras_bnp.BNPMixin` records. Build the model as "
+    "`keras_bnp.BNPModel(inputs, outputs)` or "
+    "`keras_bnp.BNPSequential([...])`, or put `BNPMixin` first in your "
+    "class: `class Net(keras_bnp.BNPMixin, keras.Model)`. In a custom "
+    "training loop, run the forward pass and `apply_gradients` inside "
+    "`with optimizer.capture(model):`."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Running statistics of one layer's input (optimizer-owned state).
+
+    Holds keys of model variables, never the variables themselves, so that
+    they are not tracked into the optimizer.
+    """
+
+    layer_path: str
+    kernel_key: int
+    bias_key: int | None
+    groups: int
+    moving_mean: keras.Variable
+    moving_variance: keras.Variable
+    steps: keras.Variable
+
+    @property
+    def variables(self):
+        return [self.moving_mean, self.moving_variance, self.steps]
+
+
+@keras.saving.register_keras_serializable(package="keras_bnp")
+class BNP(keras.optimizers.Optimizer):
+    """Batch Normalization Preconditioning (BNP) for Dense and Conv layers.
+
+    BNP gets the conditioning benefit of `BatchNormalization` without adding
+    normalization layers: it rescales and centres each Dense/Conv layer's
+    gradients with running statistics of that layer's inputs, then hands them
+    to an inner optimizer. The forward pass is unchanged (no inference cost)
+    and, because the statistics are running averages rather than batch
+    statistics, it works at any batch size, including 1.
+
+    For a layer with kernel `w` (fan-in axes first), bias `b`, inputs `x`,
+    and ordinary gradients `g_w`, `g_b`, one training step is:
+
+    ```python
+    # 1. statistics, per input channel, with the current batch
+    w_t = (1 - statistics_momentum) / (1 - statistics_momentum ** t)
+    delta = mean(x) - moving_mean
+    moving_mean += w_t * delta
+    moving_variance = ((1 - w_t) * moving_variance + w_t * var(x)
+                       + w_t * (1 - w_t) * delta ** 2)
+    # 2. preconditioning
+    g_w = (g_w - moving_mean * g_b) / (moving_variance + epsilon)
+    g_b = g_b - sum(g_w * moving_mean, axis=fan_in_axes)
+    # 3. the inner optimizer (clipping, weight decay, momentum act on the
+    #    preconditioned gradients)
+    inner_optimizer.apply([g_w, g_b], [w, b])
+    ```
+
+    Step 1 is the bias-corrected moving average of the raw moments `E[x]`,
+    `E[x^2]`, kept in centred form; `var(x)` is the population variance over
+    the batch and all spatial positions (as `BatchNormalization` uses).
+    Step 2 is one SGD step on the layer rewritten with normalized inputs
+    `(x - moving_mean) / sqrt(moving_variance)`, mapped back to `(w, b)`:
+    the inverse of the input second moment `E[[x; 1][x; 1]^T]` with the
+    covariances between inputs dropped. A layer without bias gets
+    `g_w @ inv(diag(moving_variance + epsilon) + moving_mean moving_mean^T)`
+    instead. Both are positive definite, so steps descend.
+
+    This rule is derived from the description of BNP in Lange et al. (the
+    paper's algorithm box was not available to this project); the defaults
+    of `epsilon` and `statistics_momentum` are this project's measured
+    choices (see `docs/defaults.md`), not the paper's.
+
+    References:
+    - [Lange, Helfrich & Ye, 2022. Batch Normalization Preconditioning for
+      Neural Network Training. JMLR 23(72)](
+      https://jmlr.org/papers/v23/21-0213.html)
+
+    Args:
+        learning_rate: Learning rate of the built-in SGD. Defaults to `0.01`.
+        momentum: Momentum of the built-in SGD. Defaults to `0.9`.
+        nesterov: Whether the built-in SGD uses Nesterov momentum. Defaults
+            to `False`.
+        epsilon: Float > 0 added to the variance; `1 / epsilon` bounds the
+            amplification of any input direction. Defaults to `0.1`.
+        statistics_momentum: Float in `[0, 1)`, the decay of the running
+            statistics; `0` uses the current batch only. Defaults to `0.99`.
+        inner_optimizer: A `keras.optimizers.Optimizer` instance (or a name
+            such as `"adam"`) that applies the preconditioned gradients, in
+            place of the built-in SGD. Then `learning_rate`, `momentum` and
+            `nesterov` must be left unset. Defaults to `None`.
+        name: String. Defaults to `None`.
+
+    Example:
+
+    >>> model = keras_bnp.BNPSequential([
+    ...     keras.Input((784,)),
+    ...     keras.layers.Dense(128, activation="relu"),
+    ...     keras.layers.Dense(10)])
+    >>> model.compile(optimizer=keras_bnp.BNP(0.01, momentum=0.9),
+    ...               loss="sparse_categorical_crossentropy")
+
+    The statistics are optimizer variables (saved and restored with it).
+    Only layers of a model with `BNPMixin` are preconditioned; every other
+    trainable variable is updated by the inner optimizer as usual.
+    """
+
+    def __init__(
+        self,
+        learning_rate=None,
+        momentum=None,
+        nesterov=False,
+        *,
+        epsilon=0.1,
+        statistics_momentum=0.99,
+        inner_optimizer=None,
+        name=None,
+        **kwargs,
+    ):
+        for argument in _BASE_ARGUMENTS:
+            if argument in kwargs:
+                raise ValueError(
+                    f"BNP does not support `{argument}`. Instead, set "
+                    f"`{argument}` on an `inner_optimizer`, e.g. "
+                    f"`BNP(inner_optimizer=keras.optimizers.SGD(0.01, "
+                    f"{argument}=...))`. Received: {argument}="
+                    f"{kwargs[argument]!r}"
+                )
+        if kwargs:
+            raise ValueError(
+                f"BNP got unexpected arguments: {sorted(kwargs)}. Its "
+                "arguments are learning_rate, momentum, nesterov, epsilon, "
+                "statistics_momentum, inner_optimizer, name."
+            )
+        epsilon = _as_float("epsilon", epsilon)
+        if not (epsilon > 0 and math.isfinite(epsilon)):
+            raise ValueError(
+                "Argument `epsilon` must be a finite float > 0. "
+                f"Received: epsilon={epsilon}"
+            )
+        statistics_momentum = _as_float(
+            "statistics_momentum", statistics_momentum
+        )
+        if not 0.0 <= statistics_momentum < 1.0:
+            raise ValueError(
+                "Argument `statistics_momentum` must be in [0, 1) (0 uses "
+                "the current batch only). Received: "
+                f"statistics_momentum={statistics_momentum}"
+            )
+        inner_optimizer = _inner_optimizer(
+            inner_optimizer, learning_rate, momentum, nesterov
+        )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.epsilon = epsilon
+        self.statistics_momentum = statistics_momentum
+        # Python-side bookkeeping, kept out of Keras' variable tracking.
+        self.__dict__["_slots"] = {}
+        self.__dict__["_step_inputs"] = None
+
+    def build(self, var_list):
+        """Builds the inner optimizer.
+
+        Per tracked layer, BNP adds (in `track`, not here, because only the
+        model knows its layers) three float32 variables:
+        - `{layer}_moving_mean`: shape `(in_channels,)`, running mean of
+          the layer's input per input channel.
+        - `{layer}_moving_variance`: shape `(in_channels,)`, running
+          variance of the layer's input per input channel.
+        - `{layer}_statistics_steps`: shape `()`, number of statistics
+          updates, for the bias correction.
+        """
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    def track(self, layers):
+        """Creates the statistics of the supported, built `layers` that have
+        none yet. `BNPMixin` calls this; users rarely need to."""
+        for layer in layers:
+            spec = registry.spec(layer)
+            if spec is None or self._var_key(spec.kernel) in self._slots:
+                continue
+            channels = (spec.in_channels,)
+            with keras.name_scope(self.name, caller=self):
+                slot = _Slot(
+                    layer_path=spec.kernel.path.rpartition("/")[0],
+                    kernel_key=self._var_key(spec.kernel),
+                    bias_key=(
+                        None if spec.bias is None else self._var_key(spec.bias)
+                    ),
+                    groups=spec.groups,
+                    moving_mean=self._statistics_variable(
+                        channels, "zeros", f"{layer.name}_moving_mean"
+                    ),
+                    moving_variance=self._statistics_variable(
+                        channels, "ones", f"{layer.name}_moving_variance"
+                    ),
+                    steps=self._statistics_variable(
+                        (), "zeros", f"{layer.name}_statistics_steps"
+                    ),
+                )
+            self._slots[slot.kernel_key] = slot
+
+    def _statistics_variable(self, shape, initializer, name):
+        return self.add_variable(
+            shape=shape,
+            initializer=initializer,
+            dtype="float32",
+            aggregation="none",
+            name=name,
+        )
+
+    @contextlib.contextmanager
+    def capture(self, model):
+        """Records the inputs of `model`'s supported layers for one step.
+
+        The forward pass and `apply_gradients` of one training step must run
+        inside this context. `BNPMixin.train_step` does this for `fit`.
+        """
+        layers = registry.supported_layers(model)
+        self.track(layers)
+        on_first_call = lambda layer: self.track([layer])  # noqa: E731
+        with registry.capture_inputs(layers, on_first_call) as captured:
+            self.__dict__["_step_inputs"] = captured
+            try:
+                yield
+            finally:
+                self.__dict__["_step_inputs"] = None
+
+    def apply(self, grads, trainable_variables=None):
+        step_inputs = self._step_inputs
+        if step_inputs is None:
+            raise RuntimeError(_MISSING_CAPTURE)
+        self.__dict__["_step_inputs"] = None
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        grads = list(grads)
+        position = {
+            self._var_key(v): i for i, v in enumerate(trainable_variables)
+        }
+        for layer, inputs in step_inputs.items():
+            if not inputs:
+                warnings.warn(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) was not "
+                    "called in this training step, so BNP has no statistics "
+                    "of its input and leaves its gradients unpreconditioned. "
+                    "This happens when a model uses a layer's weights without "
+                    "calling the layer; call the layer, or set "
+                    "`layer.trainable = False` if it is not trained.",
+                    stacklevel=2,
+                )
+                continue
+            spec = registry.spec(layer)
+            slot = self._slots[self._var_key(spec.kernel)]
+            mean, variance = self._update_statistics(slot, spec, inputs)
+            kernel_index = position.get(slot.kernel_key)
+            if kernel_index is None or grads[kernel_index] is None:
+                continue
+            bias_index = position.get(slot.bias_key)
+            grad_bias = None if bias_index is None else grads[bias_index]
+            grad_kernel, grad_bias = preconditioner.precondition(
+                grads[kernel_index],
+                grad_bias,
+                mean,
+                variance,
+                self.epsilon,
+                slot.groups,
+            )
+            grads[kernel_index] = grad_kernel
+            if grad_bias is not None:
+                grads[bias_index] = grad_bias
+        self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _update_statistics(self, slot, spec, inputs):
+        """Folds this step's inputs into the slot; returns the new stats.
+
+        A batch with a non-finite value (or no values) leaves the statistics
+        as they were.
+        """
+        shift = tf.convert_to_tensor(slot.moving_mean)
+        sums = [
+            statistics.input_sums(x, spec.channel_axis, shift) for x in inputs
+        ]
+        count, centred_sum, centred_square_sum = (
+            tf.add_n(list(parts)) for parts in zip(*sums)
+        )
+        mean, variance = statistics.moments_from_sums(
+            count, centred_sum, centred_square_sum, shift
+        )
+        new_mean, new_variance = statistics.update_moving(
+            shift,
+            slot.moving_variance,
+            slot.steps,
+            mean,
+            variance,
+            self.statistics_momentum,
+        )
+        usable = tf.logical_and(
+            count > 0,
+            tf.reduce_all(tf.math.is_finite(centred_square_sum)),
+        )
+        new_mean = tf.where(usable, new_mean, shift)
+        new_variance = tf.where(usable, new_variance, slot.moving_variance)
+        self.assign(slot.moving_mean, new_mean)
+        self.assign(slot.moving_variance, new_variance)
+        self.assign_add(slot.steps, tf.cast(usable, tf.float32))
+        return new_mean, new_variance
+
+    def layer_statistics(self, layer):
+        """Current running `(mean, variance)` of `layer`'s input, as NumPy
+        arrays of shape `(in_channels,)`."""
+        spec = registry.spec(layer) if registry.is_supported(layer) else None
+        slot = spec and self._slots.get(self._var_key(spec.kernel))
+        if slot is None:
+            raise ValueError(
+                f"BNP has no statistics for layer '{layer.name}' "
+                f"({type(layer).__name__}). Statistics exist for the trainable "
+                "Dense/Conv1D/Conv2D/Conv3D layers of a model with BNPMixin "
+                "once the model has been built and compiled with this "
+                "optimizer (or trained one step)."
+            )
+        return (
+            keras.ops.convert_to_numpy(slot.moving_mean),
+            keras.ops.convert_to_numpy(slot.moving_variance),
+        )
+
+    @property
+    def variables(self):
+        """Own, then statistics sorted by layer path, then inner variables.
+
+        The statistics are created in the order layers are first seen, which
+        can differ between training and loading a saved model; sorting makes
+        the saved order independent of it.
+        """
+        slots = sorted(self._slots.values(), key=lambda s: s.layer_path)
+        statistics_variables = [v for s in slots for v in s.variables]
+        tracked = {id(v) for v in statistics_variables}
+        own = [v for v in self._variables if id(v) not in tracked]
+        return own + statistics_variables + self.inner_optimizer.variables
+
+    def set_weights(self, weights):
+        """Sets all variables, in the order of `variables`."""
+        variables = self.variables
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"BNP has {len(variables)} variables (its own, the layer "
+                "statistics and the inner optimizer's); received "
+                f"{len(weights)} weights."
+            )
+        for variable, weight in zip(variables, weights):
+            if tuple(variable.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"Optimizer variable '{variable.path}' has shape "
+                    f"{tuple(variable.shape)}; received a weight of shape "
+                    f"{tuple(weight.shape)}."
+                )
+            variable.assign(weight)
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "epsilon": self.epsilon,
+            "statistics_momentum": self.statistics_momentum,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["inner_optimizer"] = keras.saving.deserialize_keras_object(
+            config["inner_optimizer"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def _as_float(name, value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Argument `{name}` must be a float. Received: {name}={value!r}"
+        ) from None
+
+
+def _inner_optimizer(inner_optimizer, learning_rate, momentum, nesterov):
+    """The optimizer BNP hands its gradients to."""
+    if inner_optimizer is None:
+        if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule) and not callable(learning_rate):
+            learning_rate = _as_float(
+                "learning_rate", 0.01 if learning_rate is None else learning_rate
+            )
+        return keras.optimizers.SGD(
+            learning_rate=learning_rate,
+            momentum=_as_float("momentum", 0.9 if momentum is None else momentum),
+            nesterov=bool(nesterov),
+        )
+    given = {
+        name: value
+        for name, value in (
+            ("learning_rate", learning_rate),
+            ("momentum", momentum),
+            ("nesterov", nesterov or None),
+        )
+        if value is not None
+    }
+    if given:
+        raise ValueError(
+            f"BNP got both `inner_optimizer` and {sorted(given)}, which only "
+            "configure the built-in SGD. Set them on the inner optimizer "
+            "instead, e.g. `BNP(inner_optimizer=keras.optimizers.SGD("
+            "learning_rate=0.01, momentum=0.9))`. Received: "
+            + ", ".join(f"{k}={v!r}" for k, v in given.items())
+        )
+    if isinstance(inner_optimizer, (str, dict)):
+        inner_optimizer = keras.optimizers.get(inner_optimizer)
+    if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            "Argument `inner_optimizer` must be a keras.optimizers.Optimizer "
+            "instance or an optimizer name such as 'adam'. Received: "
+            f"inner_optimizer={inner_optimizer!r}"
+        )
+    if isinstance(inner_optimizer, (BNP, keras.optimizers.LossScaleOptimizer)):
+        raise ValueError(
+            "Argument `inner_optimizer` must be a plain optimizer (SGD, "
+            f"Adam, ...), not a {type(inner_optimizer).__name__}. For mixed "
+            "precision, compile with BNP and Keras wraps it in a "
+            f"LossScaleOptimizer itself. Received: "
+            f"inner_optimizer={inner_optimizer!r}"
+        )
+    return inner_optimizer

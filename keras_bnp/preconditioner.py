@@ -1,0 +1,79 @@
+"""The BNP preconditioner as pure tensor functions (no Keras state).
+
+A supported kernel has the layout `(*spatial, in_channels // groups, units)`
+(Dense is the case of no spatial axes and `groups == 1`). Statistics are per
+input channel, shape `(in_channels,)`.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def kernel_view(per_channel, kernel_shape, groups=1):
+    """Lays a per-input-channel vector out along a kernel's last two axes.
+
+    Returns a tensor that broadcasts against a kernel of shape `kernel_shape`:
+    `(in_channels, 1)` for `groups == 1`, else `(in_channels // groups,
+    units)`, where entry `[c, o]` belongs to input channel
+    `(o // (units // groups)) * (in_channels // groups) + c`.
+    """
+    if groups == 1:
+        return per_channel[:, None]
+    fan_in, units = kernel_shape[-2], kernel_shape[-1]
+    per_group = tf.reshape(per_channel, (groups, fan_in))
+    return tf.repeat(tf.transpose(per_group), units // groups, axis=1)
+
+
+def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
+    """Preconditions one layer's gradients with its input statistics.
+
+    With a bias (the input-side factor of the layer's curvature, with the
+    input covariances dropped; see `BNP` for the derivation):
+
+        g_kernel = (g_kernel - mean * g_bias) / (variance + epsilon)
+        g_bias = g_bias - sum_{fan-in axes}(g_kernel * mean)
+
+    Without a bias the centring cannot move into a bias, so the kernel
+    gradient is multiplied by the inverse of the diagonal-plus-mean second
+    moment `diag(variance + epsilon) + mean mean^T` of the flattened fan-in
+    (Sherman-Morrison). Both maps are symmetric positive definite, so the
+    result is always a descent direction.
+
+    Args:
+        grad_kernel: Kernel gradient, `(*spatial, in_channels // groups,
+            units)`.
+        grad_bias: Bias gradient `(units,)`, or `None` for a layer without
+            bias.
+        mean: Per-input-channel mean, `(in_channels,)`.
+        variance: Per-input-channel variance, `(in_channels,)`.
+        epsilon: Float added to the variance.
+        groups: Number of convolution groups.
+
+    Returns:
+        `(grad_kernel, grad_bias)` preconditioned, with the input dtypes;
+        `grad_bias` is `None` when it was `None`.
+    """
+    dtype = grad_kernel.dtype
+    shape = grad_kernel.shape
+    mean = kernel_view(tf.cast(mean, dtype), shape, groups)
+    inverse = kernel_view(
+        1.0 / (tf.cast(variance, dtype) + tf.cast(epsilon, dtype)),
+        shape,
+        groups,
+    )
+    fan_in_axes = list(range(len(shape) - 1))
+    if grad_bias is None:
+        inverse_mean = inverse * mean
+        spatial_size = math.prod(shape[:-2])
+        denominator = 1.0 + spatial_size * tf.reduce_sum(
+            inverse_mean * mean, axis=0
+        )
+        coefficient = (
+            tf.reduce_sum(inverse_mean * grad_kernel, axis=fan_in_axes)
+            / denominator
+        )
+        return inverse * grad_kernel - inverse_mean * coefficient, None
+    grad_kernel = inverse * (grad_kernel - mean * grad_bias)
+    grad_bias = grad_bias - tf.reduce_sum(grad_kernel * mean, axis=fan_in_axes)
+    return grad_kernel, grad_bias

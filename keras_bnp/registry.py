@@ -1,0 +1,112 @@
+"""Which layers BNP preconditions, and how their inputs are captured.
+
+Supported: `Dense`, `Conv1D`, `Conv2D`, `Conv3D` (any `groups`, both data
+formats). Every other layer's variables are still trained, by the inner
+optimizer alone.
+"""
+
+import contextlib
+import dataclasses
+
+import keras
+
+SUPPORTED_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+# Not subclasses of the above in Keras 3, but their kernels have other
+# layouts, so a user subclass mixing them in must never be picked.
+EXCLUDED_LAYERS = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+    keras.layers.EinsumDense,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What BNP needs to know of a supported, built layer."""
+
+    layer: keras.layers.Layer
+    kernel: keras.Variable
+    bias: keras.Variable | None
+    channel_axis: int
+    groups: int
+
+    @property
+    def in_channels(self):
+        return self.kernel.shape[-2] * self.groups
+
+
+def is_supported(layer):
+    """Whether `layer` is a layer kind BNP preconditions (built or not)."""
+    return (
+        isinstance(layer, SUPPORTED_LAYERS)
+        and not isinstance(layer, EXCLUDED_LAYERS)
+        # LoRA trains low-rank factors, not the kernel the statistics fit.
+        and not getattr(layer, "lora_enabled", False)
+        and layer.trainable
+    )
+
+
+def spec(layer):
+    """The `LayerSpec` of a supported layer, or `None` while it is unbuilt
+    or its kernel is not trainable (e.g. quantized)."""
+    if not layer.built:
+        return None
+    kernel = layer.kernel
+    if not kernel.trainable:
+        return None
+    data_format = getattr(layer, "data_format", "channels_last")
+    return LayerSpec(
+        layer=layer,
+        kernel=kernel,
+        bias=layer.bias if layer.use_bias else None,
+        channel_axis=1 if data_format == "channels_first" else -1,
+        groups=getattr(layer, "groups", 1),
+    )
+
+
+def supported_layers(model):
+    """Supported layers of `model` and its nested sub-models, each once."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if is_supported(layer)
+    ]
+
+
+@contextlib.contextmanager
+def capture_inputs(layers, on_first_call):
+    """Records the first positional input of every call of `layers`.
+
+    Yields a dict `{layer: [input, ...]}`; a layer called several times (a
+    shared layer) has one entry per call. `on_first_call(layer)` runs the
+    first time each layer is called, after Keras has built it. The layers'
+    `call` is patched on the instance only, and restored on exit.
+    """
+    captured = {layer: [] for layer in layers}
+
+    def hook(layer, call):
+        def recording_call(*args, **kwargs):
+            if not captured[layer]:
+                on_first_call(layer)
+            captured[layer].append(args[0] if args else kwargs["inputs"])
+            return call(*args, **kwargs)
+
+        return recording_call
+
+    try:
+        for layer in layers:
+            layer.__dict__["call"] = hook(layer, layer.call)
+        yield captured
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("call", None)
