@@ -58,9 +58,10 @@ def update_moving(moving_mean, moving_variance, steps, mean, variance, momentum)
     Returns:
         `(moving_mean, moving_variance)` after the update.
     """
+    momentum = tf.cast(momentum, tf.float32)
     weight = (1.0 - momentum) / (1.0 - tf.pow(momentum, steps + 1.0))
     delta = mean - moving_mean
-    new_mean = moving_mean + weight * delta
+    new_mean = (1.0 - weight) * moving_mean + weight * mean
     new_variance = (
         (1.0 - weight) * moving_variance
         + weight * variance

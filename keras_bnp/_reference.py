@@ -1,0 +1,102 @@
+"""A slow NumPy reference of BNP, written from the definitions.
+
+Used by the tests to check the TensorFlow path. It shares no code with it
+and takes the long way on purpose:
+- statistics are the bias-corrected EMAs of the raw moments `E[x]`,
+  `E[x^2]` (the TF path keeps a centred form);
+- the preconditioner is an explicit matrix inverse, per output unit, of the
+  input second moment with covariances dropped (the TF path uses the closed
+  form).
+"""
+
+import numpy as np
+
+
+def batch_moments(inputs, channel_axis):
+    """Pooled per-channel mean and population variance of several arrays."""
+    flat = np.concatenate(
+        [
+            np.moveaxis(np.asarray(x, np.float64), channel_axis, -1).reshape(
+                -1, np.shape(x)[channel_axis]
+            )
+            for x in inputs
+        ]
+    )
+    return flat.mean(axis=0), flat.var(axis=0)
+
+
+class RawMomentStatistics:
+    """Bias-corrected moving averages of `E[x]` and `E[x^2]`."""
+
+    def __init__(self, channels, momentum):
+        self.momentum = momentum
+        self.first = np.zeros(channels)
+        self.second = np.zeros(channels)
+        self.steps = 0
+
+    def update(self, inputs, channel_axis):
+        mean, variance = batch_moments(inputs, channel_axis)
+        beta = self.momentum
+        self.first = beta * self.first + (1 - beta) * mean
+        self.second = beta * self.second + (1 - beta) * (variance + mean**2)
+        self.steps += 1
+
+    @property
+    def mean(self):
+        return self.first / (1 - self.momentum**self.steps)
+
+    @property
+    def variance(self):
+        second = self.second / (1 - self.momentum**self.steps)
+        return np.maximum(second - self.mean**2, 0.0)
+
+
+def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
+    """BNP-preconditioned `(grad_kernel, grad_bias)` by explicit inverses.
+
+    For output unit `o`, the fan-in vector `u` lists the kernel entries
+    `[..., c, o]` (all spatial positions, the channels of `o`'s group). The
+    preconditioner is `inv(A)` with `A = diag(variance_u + epsilon) +
+    mean_u mean_u^T` (no bias), or, with bias, the augmented
+    `[[A, mean_u], [mean_u^T, 1]]` acting on `[g_u; g_bias[o]]`.
+    """
+    grad_kernel = np.asarray(grad_kernel, np.float64)
+    *spatial, fan_in, units = grad_kernel.shape
+    out_kernel = np.empty_like(grad_kernel)
+    out_bias = None if grad_bias is None else np.empty(units)
+    for o in range(units):
+        group = o // (units // groups)
+        channels = np.arange(group * fan_in, (group + 1) * fan_in)
+        mean_u = np.broadcast_to(mean[channels], (*spatial, fan_in)).ravel()
+        var_u = np.broadcast_to(variance[channels], (*spatial, fan_in)).ravel()
+        second_moment = np.diag(var_u + epsilon) + np.outer(mean_u, mean_u)
+        gradient = grad_kernel[..., o].ravel()
+        if grad_bias is not None:
+            second_moment = np.block(
+                [
+                    [second_moment, mean_u[:, None]],
+                    [mean_u[None, :], np.ones((1, 1))],
+                ]
+            )
+            gradient = np.append(gradient, grad_bias[o])
+        result = np.linalg.inv(second_moment) @ gradient
+        if grad_bias is not None:
+            out_bias[o] = result[-1]
+            result = result[:-1]
+        out_kernel[..., o] = result.reshape(*spatial, fan_in)
+    return out_kernel, out_bias
+
+
+class SGDMomentum:
+    """Keras' SGD update: `v = momentum * v - lr * g; w += v`."""
+
+    def __init__(self, learning_rate, momentum):
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.velocity = {}
+
+    def update(self, name, weight, grad):
+        velocity = self.velocity.get(name, 0.0)
+        velocity = self.momentum * velocity - self.learning_rate * grad
+        self.velocity[name] = velocity
+        return weight + velocity

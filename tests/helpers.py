@@ -1,0 +1,40 @@
+"""Shared test helpers and small models."""
+
+import keras
+import numpy as np
+
+import keras_bnp
+
+
+def assert_allclose(actual, desired, atol=1e-6, rtol=1e-6):
+    """Keras' default test tolerances, on anything convertible to NumPy."""
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(actual),
+        keras.ops.convert_to_numpy(desired),
+        atol=atol,
+        rtol=rtol,
+    )
+
+
+def shifted_inputs(rng, shape, channel_axis=-1):
+    """Inputs whose channels have distinct, non-zero means and scales."""
+    channels = shape[channel_axis]
+    broadcast = [1] * len(shape)
+    broadcast[channel_axis] = channels
+    scale = rng.uniform(0.3, 3.0, channels).reshape(broadcast)
+    offset = rng.uniform(-2.0, 2.0, channels).reshape(broadcast)
+    return (rng.normal(size=shape) * scale + offset).astype("float32")
+
+
+def logits_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp(model_class=keras_bnp.BNPSequential, inputs=8, hidden=16, outputs=3):
+    return model_class(
+        [
+            keras.Input((inputs,)),
+            keras.layers.Dense(hidden, activation="relu", name="hidden"),
+            keras.layers.Dense(outputs, name="logits"),
+        ]
+    )

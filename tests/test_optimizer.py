@@ -1,0 +1,242 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_allclose
+from helpers import logits_loss
+from helpers import mlp
+from helpers import shifted_inputs
+
+import keras_bnp
+from keras_bnp import _reference
+
+# name: (layer factory, input shape without batch, channel axis)
+LAYERS = {
+    "dense": (lambda: keras.layers.Dense(3), (5,), -1),
+    "dense_no_bias": (lambda: keras.layers.Dense(3, use_bias=False), (5,), -1),
+    "dense_3d_input": (lambda: keras.layers.Dense(2), (4, 3), -1),
+    "conv1d": (lambda: keras.layers.Conv1D(3, 2), (6, 2), -1),
+    "conv2d": (lambda: keras.layers.Conv2D(2, 3), (5, 5, 3), -1),
+    "conv2d_same_no_bias": (
+        lambda: keras.layers.Conv2D(2, 3, padding="same", use_bias=False),
+        (4, 4, 2), -1,
+    ),
+    "conv2d_channels_first": (
+        lambda: keras.layers.Conv2D(2, 2, data_format="channels_first"),
+        (3, 4, 4), 1,
+    ),
+    "conv2d_groups": (lambda: keras.layers.Conv2D(4, 2, groups=2),
+                      (4, 4, 4), -1),
+    "conv3d": (lambda: keras.layers.Conv3D(2, 2), (3, 3, 3, 2), -1),
+    "conv3d_channels_first_no_bias": (
+        lambda: keras.layers.Conv3D(
+            2, 2, data_format="channels_first", use_bias=False),
+        (2, 3, 3, 3), 1,
+    ),
+}
+
+
+def _custom_step(model, optimizer, inputs, cotangent):
+    """One step of a custom loop: loss = sum(outputs * cotangent)."""
+    with optimizer.capture(model):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(inputs, training=True) * cotangent)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_many_steps_match_numpy_reference(name):
+    factory, input_shape, channel_axis = LAYERS[name]
+    layer = factory()
+    model = keras.Sequential([keras.Input(input_shape), layer])
+    learning_rate, momentum, epsilon, beta = 0.05, 0.9, 0.05, 0.9
+    optimizer = keras_bnp.BNP(
+        learning_rate, momentum=momentum, epsilon=epsilon,
+        statistics_momentum=beta,
+    )
+    rng = np.random.default_rng(0)
+    channels = (None, *input_shape)[channel_axis]
+    stats = _reference.RawMomentStatistics(channels, beta)
+    sgd = _reference.SGDMomentum(learning_rate, momentum)
+    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
+    for step in range(40):
+        batch = int(rng.integers(1, 4))
+        x = shifted_inputs(rng, (batch, *input_shape), channel_axis)
+        out_shape = model.compute_output_shape((batch, *input_shape))
+        cotangent = rng.normal(size=out_shape).astype("float32")
+        grads = _custom_step(model, optimizer, x, cotangent)
+
+        stats.update([x], channel_axis)
+        new_grads = _reference.precondition(
+            grads[0], grads[1] if layer.use_bias else None,
+            stats.mean, stats.variance, epsilon, getattr(layer, "groups", 1),
+        )
+        weights = [
+            sgd.update(i, w, g) for i, (w, g) in enumerate(
+                zip(weights, new_grads[: len(weights)]))
+        ]
+        mean, variance = optimizer.layer_statistics(layer)
+        assert_allclose(mean, stats.mean, atol=1e-5, rtol=1e-5)
+        assert_allclose(variance, stats.variance, atol=1e-5, rtol=1e-4)
+    for actual, want in zip(layer.trainable_weights, weights):
+        assert_allclose(actual, want, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_layer_pools_all_calls():
+    shared = keras.layers.Dense(2, name="shared")
+    a, b = keras.Input((3,)), keras.Input((3,))
+    model = keras.Model([a, b], shared(a) + shared(b))
+    optimizer = keras_bnp.BNP(statistics_momentum=0.0)
+    rng = np.random.default_rng(0)
+    x1, x2 = shifted_inputs(rng, (4, 3)), 3.0 * shifted_inputs(rng, (4, 3))
+    _custom_step(model, optimizer, [x1, x2], np.ones((4, 2), "float32"))
+    want_mean, want_variance = _reference.batch_moments([x1, x2], -1)
+    mean, variance = optimizer.layer_statistics(shared)
+    assert_allclose(mean, want_mean, atol=1e-5)
+    assert_allclose(variance, want_variance, atol=1e-5, rtol=1e-5)
+
+
+def test_identity_statistics_reduce_to_sgd():
+    # Every batch has exactly mean 0 and population variance 1 - epsilon per
+    # feature, and momentum 0: BNP must take exactly SGD's steps.
+    epsilon = 0.2
+    rng = np.random.default_rng(0)
+    models = []
+    for optimizer in (
+        keras_bnp.BNP(0.1, momentum=0.9, epsilon=epsilon,
+                      statistics_momentum=0.0),
+        keras.optimizers.SGD(0.1, momentum=0.9),
+    ):
+        keras.utils.set_random_seed(0)
+        model = keras_bnp.BNPSequential(
+            [keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile(optimizer=optimizer, loss=logits_loss())
+        models.append(model)
+    for _ in range(10):
+        x = rng.normal(size=(8, 4))
+        x = (x - x.mean(0)) / x.std(0) * np.sqrt(1 - epsilon)
+        y = rng.integers(0, 3, 8)
+        for model in models:
+            model.train_on_batch(x.astype("float32"), y)
+    for bnp_weight, sgd_weight in zip(*(m.get_weights() for m in models)):
+        assert_allclose(bnp_weight, sgd_weight, atol=1e-6)
+
+
+def test_inner_optimizer_trains_other_variables_unchanged():
+    # LayerNormalization's gamma/beta are not preconditioned: their first
+    # Adam step must equal plain Adam's.
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras_bnp.BNPSequential([
+            keras.Input((4,)), keras.layers.Dense(6),
+            keras.layers.LayerNormalization(), keras.layers.Dense(3)])
+
+    x = shifted_inputs(np.random.default_rng(0), (16, 4))
+    y = np.arange(16) % 3
+    results = []
+    for optimizer in (
+        keras_bnp.BNP(inner_optimizer=keras.optimizers.Adam(0.01)),
+        keras.optimizers.Adam(0.01),
+    ):
+        model = build()
+        model.compile(optimizer=optimizer, loss=logits_loss())
+        model.train_on_batch(x, y)
+        results.append(model)
+    bnp_model, adam_model = results
+    for i in (1,):
+        for a, b in zip(bnp_model.layers[i].weights,
+                        adam_model.layers[i].weights):
+            assert_allclose(a, b)
+    # ...while the Dense kernels took different (preconditioned) steps.
+    assert not np.allclose(bnp_model.layers[0].kernel.numpy(),
+                           adam_model.layers[0].kernel.numpy(), atol=1e-4)
+    assert int(bnp_model.optimizer.iterations) == 1
+
+
+def test_config_round_trip():
+    optimizer = keras_bnp.BNP(
+        epsilon=0.05, statistics_momentum=0.9,
+        inner_optimizer=keras.optimizers.Adam(3e-4, beta_1=0.8), name="pre",
+    )
+    config = optimizer.get_config()
+    restored = keras_bnp.BNP.from_config(config)
+    assert restored.get_config() == config
+    assert isinstance(restored.inner_optimizer, keras.optimizers.Adam)
+    assert restored.inner_optimizer.beta_1 == 0.8
+    assert float(restored.learning_rate) == pytest.approx(3e-4)
+    serialized = keras.saving.serialize_keras_object(optimizer)
+    assert serialized["registered_name"] == "keras_bnp>BNP"
+    again = keras.saving.deserialize_keras_object(serialized)
+    assert again.get_config() == config
+    by_name = keras.optimizers.get(serialized)
+    assert isinstance(by_name, keras_bnp.BNP) and by_name.epsilon == 0.05
+
+
+def test_builtin_sgd_and_delegation():
+    optimizer = keras_bnp.BNP(0.05, momentum=0.5, nesterov=True)
+    inner = optimizer.inner_optimizer
+    assert isinstance(inner, keras.optimizers.SGD)
+    assert (inner.momentum, inner.nesterov) == (0.5, True)
+    assert float(optimizer.learning_rate) == pytest.approx(0.05)
+    optimizer.learning_rate = 0.5
+    assert float(inner.learning_rate) == pytest.approx(0.5)
+    defaults = keras_bnp.BNP()
+    assert float(defaults.learning_rate) == pytest.approx(0.01)
+    assert defaults.inner_optimizer.momentum == 0.9
+    assert isinstance(keras_bnp.BNP(inner_optimizer="adam").inner_optimizer,
+                      keras.optimizers.Adam)
+
+
+def test_learning_rate_schedule_follows_inner_iterations():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 4, 0.5)
+    model = mlp()
+    model.compile(optimizer=keras_bnp.BNP(schedule), loss=logits_loss())
+    x = shifted_inputs(np.random.default_rng(0), (16, 8))
+    model.fit(x, np.arange(16) % 3, batch_size=2, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 8
+    assert float(model.optimizer.inner_optimizer._get_current_learning_rate()
+                 ) == pytest.approx(0.1 * 0.5 ** 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"epsilon": 0.0}, r"`epsilon` must be a finite float > 0\. "
+                           r"Received: epsilon=0\.0"),
+        ({"epsilon": float("nan")}, r"Received: epsilon=nan"),
+        ({"epsilon": "small"}, r"`epsilon` must be a float\. "
+                               r"Received: epsilon='small'"),
+        ({"statistics_momentum": 1.0},
+         r"`statistics_momentum` must be in \[0, 1\).*"
+         r"Received: statistics_momentum=1\.0"),
+        ({"statistics_momentum": -0.1}, r"statistics_momentum=-0\.1"),
+        ({"clipnorm": 1.0}, r"BNP does not support `clipnorm`\. Instead, set "
+                            r"`clipnorm` on an `inner_optimizer`.*"
+                            r"Received: clipnorm=1\.0"),
+        ({"weight_decay": 1e-4}, r"set `weight_decay` on an `inner_optimizer`"),
+        ({"momentun": 0.9}, r"unexpected arguments: \['momentun'\]"),
+        ({"learning_rate": 0.1, "inner_optimizer": "adam"},
+         r"both `inner_optimizer` and \['learning_rate'\].*"
+         r"Received: learning_rate=0\.1"),
+        ({"nesterov": True, "inner_optimizer": "sgd"},
+         r"Received: nesterov=True"),
+        ({"inner_optimizer": 3}, r"Received: inner_optimizer=3"),
+        ({"inner_optimizer": keras_bnp.BNP()}, r"not a BNP"),
+        ({"learning_rate": "fast"}, r"Received: learning_rate='fast'"),
+    ],
+)
+def test_invalid_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        keras_bnp.BNP(**kwargs)
+
+
+def test_layer_statistics_of_untracked_layer_raises():
+    model = mlp()
+    model.compile(optimizer=keras_bnp.BNP(), loss=logits_loss())
+    with pytest.raises(ValueError, match=r"no statistics for layer 'hidden'"):
+        model.optimizer.layer_statistics(model.layers[0])
+    norm = keras.layers.LayerNormalization(name="norm")
+    with pytest.raises(ValueError, match=r"layer 'norm' \(LayerNormal"):
+        model.optimizer.layer_statistics(norm)

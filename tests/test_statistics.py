@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_allclose
+from helpers import shifted_inputs
+
+from keras_bnp import _reference
+from keras_bnp import statistics
+
+
+def _moments(inputs, channel_axis, shift):
+    sums = [statistics.input_sums(tf.constant(x), channel_axis, shift)
+            for x in inputs]
+    count, s1, s2 = (tf.add_n(list(p)) for p in zip(*sums))
+    return count, statistics.moments_from_sums(count, s1, s2, shift)
+
+
+@pytest.mark.parametrize(
+    "shape, channel_axis",
+    [((7, 3), -1), ((2, 5, 4), -1), ((2, 3, 4, 5), -1), ((2, 3, 4, 5), 1),
+     ((2, 3, 2, 2, 2), 1)],
+)
+def test_pooled_moments_match_numpy(shape, channel_axis):
+    rng = np.random.default_rng(0)
+    inputs = [shifted_inputs(rng, shape, channel_axis) for _ in range(2)]
+    channels = shape[channel_axis]
+    shift = tf.constant(rng.normal(size=channels), tf.float32)
+    count, (mean, variance) = _moments(inputs, channel_axis, shift)
+    want_mean, want_variance = _reference.batch_moments(inputs, channel_axis)
+    assert float(count) == 2 * np.prod(shape) / channels
+    assert_allclose(mean, want_mean, atol=1e-5, rtol=1e-5)
+    assert_allclose(variance, want_variance, atol=1e-5, rtol=1e-5)
+
+
+def test_float16_inputs_are_reduced_in_float32():
+    # 4096 values of 1.0 sum to 4096; float16 cannot represent 4097, so a
+    # float16 sum of 4097 ones would stall at 4096.
+    inputs = np.ones((4097, 1), np.float16)
+    count, s1, s2 = statistics.input_sums(
+        tf.constant(inputs), -1, tf.zeros(1)
+    )
+    assert s1.dtype == tf.float32
+    assert float(s1[0]) == 4097.0 and float(s2[0]) == 4097.0
+
+
+def test_large_offset_keeps_variance_accurate():
+    # mean 1000, std 0.1: E[x^2] - E[x]^2 in float32 loses the variance
+    # (float32 spacing at 1e6 is 0.0625); shifting by the running mean keeps
+    # it.
+    rng = np.random.default_rng(0)
+    x = (1000.0 + 0.1 * rng.normal(size=(512, 1))).astype("float32")
+    _, (mean, variance) = _moments([x], -1, tf.constant([999.9]))
+    assert_allclose(variance, x.astype("float64").var(0), rtol=1e-3, atol=0)
+    assert_allclose(mean, x.astype("float64").mean(0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.99])
+def test_update_matches_raw_moment_reference(momentum):
+    rng = np.random.default_rng(1)
+    channels = 4
+    reference = _reference.RawMomentStatistics(channels, momentum)
+    mean, variance = tf.zeros(channels), tf.ones(channels)
+    for step in range(60):
+        batch = shifted_inputs(rng, (int(rng.integers(1, 5)), channels))
+        batch_mean, batch_variance = _reference.batch_moments([batch], -1)
+        mean, variance = statistics.update_moving(
+            mean, variance, float(step), tf.constant(batch_mean, tf.float32),
+            tf.constant(batch_variance, tf.float32), momentum,
+        )
+        reference.update([batch], -1)
+        assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
+        assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-5)
+
+
+def test_first_update_and_zero_momentum_return_the_batch():
+    batch_mean = tf.constant([1.0, -2.0])
+    batch_variance = tf.constant([0.5, 4.0])
+    for momentum, steps in [(0.99, 0.0), (0.0, 0.0), (0.0, 17.0)]:
+        mean, variance = statistics.update_moving(
+            tf.constant([5.0, 5.0]), tf.constant([9.0, 9.0]), steps,
+            batch_mean, batch_variance, momentum,
+        )
+        assert_allclose(mean, batch_mean)
+        assert_allclose(variance, batch_variance)
+
+
+def test_batch_size_one_gives_variance_from_the_running_average():
+    # Two single values 0 and 2 with momentum 0.5: the debiased weights are
+    # 1/3 and 2/3, so mean = 4/3 and variance = (1/3)(2/3)(2 - 0)^2 = 8/9.
+    mean, variance = statistics.update_moving(
+        tf.zeros(1), tf.ones(1), 0.0, tf.zeros(1), tf.zeros(1), 0.5
+    )
+    mean, variance = statistics.update_moving(
+        mean, variance, 1.0, tf.constant([2.0]), tf.zeros(1), 0.5
+    )
+    assert_allclose(mean, [4.0 / 3.0])
+    assert_allclose(variance, [8.0 / 9.0])
