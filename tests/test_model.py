@@ -1,0 +1,198 @@
+import keras
+import numpy as np
+import pytest
+from helpers import assert_allclose
+from helpers import logits_loss
+from helpers import mlp
+from helpers import shifted_inputs
+from models import IN
+from models import MODEL_KINDS
+from models import OUT
+
+import keras_bnp
+from keras_bnp import _reference
+
+X = shifted_inputs(np.random.default_rng(0), (24, IN))
+Y = np.arange(24) % OUT
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_statistics_of_every_layer_match_numpy(
+    kind, jit_compile, steps_per_execution
+):
+    # Learning rate 0 keeps the weights fixed, so every layer's inputs can be
+    # recomputed in NumPy and folded into the reference statistics batch by
+    # batch (3 batches of 8, in order).
+    model, layer_inputs = MODEL_KINDS[kind]()
+    beta = 0.9
+    model.compile(
+        optimizer=keras_bnp.BNP(0.0, momentum=0.0, statistics_momentum=beta),
+        loss=logits_loss(),
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+    model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    references = {}
+    for start in range(0, 24, 8):
+        for layer, inputs in layer_inputs(X[start : start + 8]).items():
+            reference = references.setdefault(
+                layer, _reference.RawMomentStatistics(inputs[0].shape[-1], beta)
+            )
+            reference.update(inputs, -1)
+    assert len(references) == len(model.optimizer._slots)
+    for layer, reference in references.items():
+        mean, variance = model.optimizer.layer_statistics(layer)
+        assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
+        assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-4)
+    # Capture is active only inside training steps.
+    assert not any("call" in layer.__dict__ for layer in references)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_every_model_kind_trains(kind, jit_compile):
+    model, _ = MODEL_KINDS[kind]()
+    model.compile(
+        optimizer=keras_bnp.BNP(0.05, momentum=0.9),
+        loss=logits_loss(),
+        jit_compile=jit_compile,
+    )
+    history = model.fit(X, Y, batch_size=4, epochs=8, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _history(model_class, optimizer, **fit_kwargs):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((IN,))
+    h = keras.layers.Dense(5, activation="relu")(x)
+    outputs = {
+        "a": keras.layers.Dense(OUT, name="a")(h),
+        "b": keras.layers.Dense(1, name="b")(h),
+    }
+    model = model_class(x, outputs)
+    model.compile(
+        optimizer=optimizer,
+        loss={"a": logits_loss(), "b": "mse"},
+        metrics={"a": ["accuracy"]},
+    )
+    return model.fit(
+        X, {"a": Y, "b": X[:, :1]}, batch_size=8, epochs=2, shuffle=False,
+        verbose=0, validation_data=(X[:8], {"a": Y[:8], "b": X[:8, :1]}),
+        **fit_kwargs,
+    ).history
+
+
+@pytest.mark.parametrize(
+    "fit_kwargs",
+    [{}, {"sample_weight": np.linspace(0.1, 2.0, 24)}],
+)
+def test_history_equals_default_train_step(fit_kwargs):
+    # With learning rate 0 both models keep their weights, so BNP's training
+    # step must report exactly what Keras' default step reports.
+    bnp = _history(
+        keras_bnp.BNPModel, keras_bnp.BNP(0.0, momentum=0.0), **fit_kwargs
+    )
+    plain = _history(keras.Model, keras.optimizers.SGD(0.0), **fit_kwargs)
+    assert sorted(bnp) == sorted(plain)
+    assert "val_a_accuracy" in bnp and "b_loss" in bnp
+    for key in plain:
+        assert_allclose(bnp[key], plain[key], atol=1e-6)
+
+
+def test_class_weight_is_applied():
+    def loss_of(model_class, optimizer, class_weight):
+        keras.utils.set_random_seed(0)
+        model = mlp(model_class, inputs=IN, outputs=OUT)
+        model.compile(optimizer=optimizer, loss=logits_loss())
+        return model.fit(X, Y, batch_size=8, verbose=0,
+                         class_weight=class_weight).history["loss"][0]
+
+    weights = {0: 5.0, 1: 1.0, 2: 0.1}
+    bnp = loss_of(keras_bnp.BNPSequential, keras_bnp.BNP(0.0, momentum=0.0),
+                  weights)
+    plain = loss_of(keras.Sequential, keras.optimizers.SGD(0.0), weights)
+    unweighted = loss_of(keras.Sequential, keras.optimizers.SGD(0.0), None)
+    assert bnp == pytest.approx(plain, abs=1e-6)
+    assert abs(bnp - unweighted) > 1e-3
+
+
+def test_callbacks_change_the_inner_learning_rate():
+    model = mlp(inputs=IN, outputs=OUT)
+    model.compile(optimizer=keras_bnp.BNP(0.1), loss=logits_loss())
+    history = model.fit(
+        X, Y, batch_size=8, epochs=3, verbose=0,
+        callbacks=[keras.callbacks.ReduceLROnPlateau(
+            monitor="loss", mode="max", factor=0.5, patience=0)],
+    )
+    # Epoch 0 sets the best loss; epochs 1 and 2 halve the rate (logged
+    # before the cut).
+    assert_allclose(history.history["learning_rate"], [0.1, 0.1, 0.05])
+    assert float(model.optimizer.inner_optimizer.learning_rate) == (
+        pytest.approx(0.025))
+    history = model.fit(
+        X, Y, batch_size=8, epochs=2, verbose=0,
+        callbacks=[keras.callbacks.LearningRateScheduler(
+            lambda epoch: 0.01 * (epoch + 1))],
+    )
+    assert_allclose(history.history["learning_rate"], [0.01, 0.02])
+
+
+def test_evaluate_and_predict_are_untouched():
+    bnp_model = mlp(inputs=IN, outputs=OUT)
+    bnp_model.compile(optimizer=keras_bnp.BNP(0.05), loss=logits_loss(),
+                      metrics=["accuracy"])
+    bnp_model.fit(X, Y, batch_size=8, epochs=2, verbose=0)
+    plain = mlp(keras.Sequential, inputs=IN, outputs=OUT)
+    plain.set_weights(bnp_model.get_weights())
+    plain.compile(optimizer="sgd", loss=logits_loss(), metrics=["accuracy"])
+    before = [v.numpy() for v in bnp_model.optimizer.variables]
+    assert_allclose(bnp_model.predict(X, verbose=0), plain.predict(X, verbose=0))
+    assert_allclose(bnp_model.evaluate(X, Y, verbose=0),
+                    plain.evaluate(X, Y, verbose=0))
+    for old, variable in zip(before, bnp_model.optimizer.variables):
+        assert_allclose(variable, old, atol=0, rtol=0)
+
+
+def test_plain_model_with_bnp_raises_naming_the_mixin():
+    model = mlp(keras.Sequential, inputs=IN, outputs=OUT)
+    model.compile(optimizer=keras_bnp.BNP(), loss=logits_loss())
+    with pytest.raises(RuntimeError, match=r"keras_bnp.BNPMixin.*BNPModel"):
+        model.fit(X, Y, verbose=0)
+
+
+def test_mixin_with_other_optimizer_trains_like_keras():
+    weights = []
+    for model_class in (keras_bnp.BNPSequential, keras.Sequential):
+        keras.utils.set_random_seed(0)
+        model = mlp(model_class, inputs=IN, outputs=OUT)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss=logits_loss())
+        model.fit(X, Y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        assert_allclose(a, b, atol=0, rtol=0)
+
+
+class UsesKernelDirectly(keras_bnp.BNPMixin, keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.called = keras.layers.Dense(4, name="called")
+        self.bypassed = keras.layers.Dense(OUT, name="bypassed")
+        self.bypassed.build((None, 4))
+
+    def call(self, x):
+        hidden = self.called(x)
+        return hidden @ self.bypassed.kernel + self.bypassed.bias
+
+
+def test_layer_never_called_gets_a_warning_with_its_name():
+    model = UsesKernelDirectly()
+    model.compile(optimizer=keras_bnp.BNP(0.01), loss=logits_loss())
+    with pytest.warns(UserWarning, match=r"Layer 'bypassed' \(Dense\) was not "
+                                         r"called in this training step"):
+        model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    assert model.optimizer.layer_statistics(model.called)[0].shape == (IN,)
