@@ -34,15 +34,16 @@ _MISSING_CAPTURE = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Slot:
     """Running statistics of one layer's input (optimizer-owned state).
 
     Holds keys of model variables, never the variables themselves, so that
-    they are not tracked into the optimizer.
+    they are not tracked into the optimizer. `rank` is the layer's position
+    among the model's supported layers, which fixes the saved order.
     """
 
-    layer_path: str
+    rank: int
     kernel_key: int
     bias_key: int | None
     groups: int
@@ -202,16 +203,21 @@ class BNP(keras.optimizers.Optimizer):
         super().build(var_list)
 
     def track(self, layers):
-        """Creates the statistics of the supported, built `layers` that have
-        none yet. `BNPMixin` calls this; users rarely need to."""
-        for layer in layers:
+        """Creates statistics for the built layers among `layers`, the
+        supported layers of a model in `registry.supported_layers` order.
+        `BNPMixin` calls this; users rarely need to."""
+        for rank, layer in enumerate(layers):
             spec = registry.spec(layer)
-            if spec is None or self._var_key(spec.kernel) in self._slots:
+            if spec is None:
+                continue
+            key = self._var_key(spec.kernel)
+            if key in self._slots:
+                self._slots[key].rank = rank
                 continue
             channels = (spec.in_channels,)
             with keras.name_scope(self.name, caller=self):
                 slot = _Slot(
-                    layer_path=spec.kernel.path.rpartition("/")[0],
+                    rank=rank,
                     kernel_key=self._var_key(spec.kernel),
                     bias_key=(
                         None if spec.bias is None else self._var_key(spec.bias)
@@ -247,7 +253,8 @@ class BNP(keras.optimizers.Optimizer):
         """
         layers = registry.supported_layers(model)
         self.track(layers)
-        on_first_call = lambda layer: self.track([layer])  # noqa: E731
+        # A deferred-build layer gets its statistics on its first call.
+        on_first_call = lambda layer: self.track(layers)  # noqa: E731
         with registry.capture_inputs(layers, on_first_call) as captured:
             self.__dict__["_step_inputs"] = captured
             try:
@@ -357,13 +364,13 @@ class BNP(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        """Own, then statistics sorted by layer path, then inner variables.
+        """Own, then statistics in model-layer order, then inner variables.
 
-        The statistics are created in the order layers are first seen, which
-        can differ between training and loading a saved model; sorting makes
-        the saved order independent of it.
+        Statistics are created in the order layers are first built, which
+        can differ between training and loading a saved model; ordering by
+        layer rank makes the saved order independent of it.
         """
-        slots = sorted(self._slots.values(), key=lambda s: s.layer_path)
+        slots = sorted(self._slots.values(), key=lambda s: s.rank)
         statistics_variables = [v for s in slots for v in s.variables]
         tracked = {id(v) for v in statistics_variables}
         own = [v for v in self._variables if id(v) not in tracked]
