@@ -7,10 +7,14 @@ defaults study (`docs/defaults.md`) and the tests' MNIST checks:
         --learning-rates 0.001 0.01 --out results.json
 
 Each finished run is appended to the JSON file, and runs already there are
-skipped, so an interrupted sweep resumes where it stopped.
+skipped, so an interrupted sweep resumes where it stopped. `--report` prints
+Markdown tables of a results file instead of training:
+
+    python -m keras_bnp.experiment --out results.json --report
 """
 
 import argparse
+import inspect
 import itertools
 import json
 import math
@@ -43,8 +47,8 @@ def run(
     learning_rate,
     *,
     momentum=0.9,
-    epsilon=0.1,
-    statistics_momentum=0.99,
+    epsilon=None,
+    statistics_momentum=None,
     hidden=(128,),
     train_size=3000,
     validation_size=1000,
@@ -80,12 +84,15 @@ def run(
 
     model = build_mlp(hidden, seed)
     if method == "bnp":
+        # `None` keeps BNP's own default.
+        settings = {"epsilon": epsilon,
+                    "statistics_momentum": statistics_momentum}
         optimizer = BNP(
-            learning_rate,
-            momentum=momentum,
-            epsilon=epsilon,
-            statistics_momentum=statistics_momentum,
+            learning_rate, momentum=momentum,
+            **{k: v for k, v in settings.items() if v is not None},
         )
+        epsilon, statistics_momentum = (
+            optimizer.epsilon, optimizer.statistics_momentum)
     else:
         optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
     model.compile(
@@ -136,6 +143,77 @@ def _key(result):
     )
 
 
+def _mean(results, field):
+    return float(np.mean([r[field] for r in results]))
+
+
+def report(results):
+    """Markdown tables: the (epsilon, statistics_momentum) grid, then BNP at
+    the selected setting beside SGD, per batch size and learning rate.
+
+    A cell "converges" when the training loss after training is below
+    `ln(10) / 2` for every seed (clearly better than a uniform guess); a
+    run "diverges" when its training loss is not below `ln(10)`. A BNP
+    setting is admissible when it diverges in no seed of any cell where
+    SGD converges; the selected one has the best mean validation accuracy
+    over those cells.
+    """
+    cells = {}
+    for r in results:
+        key = (r["batch_size"], r["learning_rate"])
+        setting = (r["epsilon"], r["statistics_momentum"])
+        cells.setdefault(key, {}).setdefault(setting, []).append(r)
+    sgd_ok = [
+        key for key, runs in cells.items()
+        if (None, None) in runs and all(
+            r["train_loss"] < math.log(10.0) / 2 for r in runs[(None, None)])
+    ]
+    settings = sorted({s for runs in cells.values() for s in runs
+                       if s != (None, None)})
+    lines = [
+        "| epsilon | statistics_momentum | diverged where SGD converges "
+        "| mean val. acc. there (BNP - SGD) |",
+        "|---|---|---|---|",
+    ]
+    scores = {}
+    for setting in settings:
+        runs = [cells[k].get(setting, []) for k in sgd_ok]
+        diverged = sum(r["diverged"] for rs in runs for r in rs)
+        gain = np.mean([
+            _mean(cells[k][setting], "validation_accuracy")
+            - _mean(cells[k][(None, None)], "validation_accuracy")
+            for k in sgd_ok if setting in cells[k]
+        ])
+        scores[setting] = (diverged == 0, gain)
+        lines.append(f"| {setting[0]:g} | {setting[1]:g} | {diverged} "
+                     f"| {gain:+.4f} |")
+    best = max(scores, key=lambda s: scores[s])
+    lines += [
+        "",
+        f"Selected: epsilon={best[0]:g}, statistics_momentum={best[1]:g}.",
+        "",
+        "| batch | lr | SGD loss | SGD val. | SGD test | BNP loss "
+        "| BNP val. | BNP test | SGD converges | BNP diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(cells):
+        sgd, bnp = cells[key].get((None, None)), cells[key].get(best)
+        if not sgd or not bnp:
+            continue
+        lines.append(
+            f"| {key[0]} | {key[1]:g} "
+            + " ".join(
+                f"| {_mean(runs, 'train_loss'):.3g} "
+                f"| {_mean(runs, 'validation_accuracy'):.4f} "
+                f"| {_mean(runs, 'test_accuracy'):.4f}"
+                for runs in (sgd, bnp)
+            )
+            + f" | {'yes' if key in sgd_ok else 'no'} "
+            f"| {sum(r['diverged'] for r in bnp)}/{len(bnp)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.experiment", description=__doc__,
@@ -147,21 +225,27 @@ def main(argv=None):
         "--learning-rates", nargs="+", type=float,
         default=[0.001, 0.003, 0.01, 0.03, 0.1],
     )
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[0.1])
-    parser.add_argument(
-        "--statistics-momenta", nargs="+", type=float, default=[0.99]
-    )
+    defaults = inspect.signature(BNP).parameters
+    parser.add_argument("--epsilons", nargs="+", type=float,
+                        default=[defaults["epsilon"].default])
+    parser.add_argument("--statistics-momenta", nargs="+", type=float,
+                        default=[defaults["statistics_momentum"].default])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--source", choices=["bundled", "tfds"], default="bundled")
     parser.add_argument("--out", required=True, help="JSON file of results")
+    parser.add_argument("--report", action="store_true",
+                        help="print Markdown tables of --out and exit")
     args = parser.parse_args(argv)
 
     results = []
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
+    if args.report:
+        print(report(results))
+        return
     done = {_key(r) for r in results}
     for method, batch_size, lr, seed in itertools.product(
         args.methods, args.batch_sizes, args.learning_rates, args.seeds
@@ -175,8 +259,8 @@ def main(argv=None):
                 continue
             result = run(
                 method, batch_size, lr,
-                epsilon=epsilon or 0.1,
-                statistics_momentum=statistics_momentum or 0.0,
+                epsilon=epsilon,
+                statistics_momentum=statistics_momentum,
                 train_size=args.train_size, epochs=args.epochs, seed=seed,
                 source=args.source,
             )

@@ -110,8 +110,10 @@ class BNP(keras.optimizers.Optimizer):
         momentum: Momentum of the built-in SGD. Defaults to `0.9`.
         nesterov: Whether the built-in SGD uses Nesterov momentum. Defaults
             to `False`.
-        epsilon: Float > 0 added to the variance; `1 / epsilon` bounds the
-            amplification of any input direction. Defaults to `0.1`.
+        epsilon: Float > 0 added to the variance, in the units of the
+            input's variance; `1 / epsilon` bounds the scaling of any single
+            input feature. Defaults to `1.0` (measured for inputs of unit
+            scale, e.g. pixels in [0, 1]; see `docs/defaults.md`).
         statistics_momentum: Float in `[0, 1)`, the decay of the running
             statistics; `0` uses the current batch only. Defaults to `0.99`.
         inner_optimizer: A `keras.optimizers.Optimizer` instance (or a name
@@ -140,7 +142,7 @@ class BNP(keras.optimizers.Optimizer):
         momentum=None,
         nesterov=False,
         *,
-        epsilon=0.1,
+        epsilon=1.0,
         statistics_momentum=0.99,
         inner_optimizer=None,
         name=None,
