@@ -192,6 +192,8 @@ def report(results):
         "",
         f"Selected: epsilon={best[0]:g}, statistics_momentum={best[1]:g}.",
         "",
+        tuned_table(cells, best),
+        "",
         "| batch | lr | SGD loss | SGD val. | SGD test | BNP loss "
         "| BNP val. | BNP test | SGD converges | BNP diverged |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -211,6 +213,29 @@ def report(results):
             + f" | {'yes' if key in sgd_ok else 'no'} "
             f"| {sum(r['diverged'] for r in bnp)}/{len(bnp)} |"
         )
+    return "\n".join(lines)
+
+
+def tuned_table(cells, setting):
+    """Per batch size, SGD and BNP (at `setting`) each at the learning rate
+    with the best mean validation accuracy; test accuracy mean +- std."""
+    lines = [
+        "| batch | SGD lr | SGD test acc. | BNP lr | BNP test acc. |",
+        "|---|---|---|---|---|",
+    ]
+    for batch_size in sorted({k[0] for k in cells}):
+        row = [f"| {batch_size} "]
+        for method_setting in ((None, None), setting):
+            runs_by_lr = {
+                k[1]: runs[method_setting] for k, runs in cells.items()
+                if k[0] == batch_size and method_setting in runs
+            }
+            lr = max(runs_by_lr, key=lambda lr: _mean(
+                runs_by_lr[lr], "validation_accuracy"))
+            accuracy = [r["test_accuracy"] for r in runs_by_lr[lr]]
+            row.append(f"| {lr:g} | {np.mean(accuracy):.4f} ± "
+                       f"{np.std(accuracy):.4f} ")
+        lines.append("".join(row) + "|")
     return "\n".join(lines)
 
 

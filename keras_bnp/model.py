@@ -35,20 +35,31 @@ class BNPMixin:
             return super().train_step(data)
 
     def make_train_function(self, force=False):
-        # Create the statistics outside the traced step (and under the
-        # model's distribution strategy) for every layer already built.
-        bnp = find_bnp(self.optimizer)
-        if bnp is not None:
-            with self.distribute_strategy.scope():
-                bnp.track(registry.supported_layers(self))
+        self._build_bnp_state()
         return super().make_train_function(force=force)
 
     def compile_from_config(self, config):
-        # Loading a saved model builds the optimizer here, before its
-        # variables are restored: the statistics must exist by then.
         super().compile_from_config(config)
+        self._build_bnp_state()
+
+    def load_weights(self, filepath, *args, **kwargs):
+        self._build_bnp_state()
+        return super().load_weights(filepath, *args, **kwargs)
+
+    def _build_bnp_state(self):
+        """Builds the optimizer and the statistics of every built layer.
+
+        Restoring (`load_model`, `load_weights`, `BackupAndRestore`) needs
+        them to exist before the saved values are assigned; creating them
+        here, outside the traced step and under the model's distribution
+        strategy, also keeps variable creation out of the step.
+        """
         bnp = find_bnp(getattr(self, "optimizer", None))
-        if bnp is not None:
+        if bnp is None or not self.built:
+            return
+        with self.distribute_strategy.scope():
+            if not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
             bnp.track(registry.supported_layers(self))
 
 

@@ -34,6 +34,13 @@ _MISSING_CAPTURE = (
 )
 
 
+def _key(variable):
+    """Identifies a model variable. Not `Optimizer._var_key`, which reads
+    the variable's value and so fails inside a mixed-precision layer call,
+    where `_track` can run."""
+    return id(variable)
+
+
 @dataclasses.dataclass
 class _Slot:
     """Running statistics of one layer's input (optimizer-owned state).
@@ -212,7 +219,7 @@ class BNP(keras.optimizers.Optimizer):
             spec = registry.spec(layer)
             if spec is None:
                 continue
-            key = self._var_key(spec.kernel)
+            key = _key(spec.kernel)
             if key in self._slots:
                 self._slots[key].rank = rank
                 continue
@@ -220,9 +227,9 @@ class BNP(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 slot = _Slot(
                     rank=rank,
-                    kernel_key=self._var_key(spec.kernel),
+                    kernel_key=_key(spec.kernel),
                     bias_key=(
-                        None if spec.bias is None else self._var_key(spec.bias)
+                        None if spec.bias is None else _key(spec.bias)
                     ),
                     groups=spec.groups,
                     moving_mean=self._statistics_variable(
@@ -276,7 +283,7 @@ class BNP(keras.optimizers.Optimizer):
             trainable_variables = self._trainable_variables
         grads = list(grads)
         position = {
-            self._var_key(v): i for i, v in enumerate(trainable_variables)
+            _key(v): i for i, v in enumerate(trainable_variables)
         }
         for layer, inputs in step_inputs.items():
             if not inputs:
@@ -291,7 +298,7 @@ class BNP(keras.optimizers.Optimizer):
                 )
                 continue
             spec = registry.spec(layer)
-            slot = self._slots[self._var_key(spec.kernel)]
+            slot = self._slots[_key(spec.kernel)]
             mean, variance = self._update_statistics(slot, spec, inputs)
             kernel_index = position.get(slot.kernel_key)
             if kernel_index is None or grads[kernel_index] is None:
@@ -350,7 +357,7 @@ class BNP(keras.optimizers.Optimizer):
         """Current running `(mean, variance)` of `layer`'s input, as NumPy
         arrays of shape `(in_channels,)`."""
         spec = registry.spec(layer) if registry.is_supported(layer) else None
-        slot = spec and self._slots.get(self._var_key(spec.kernel))
+        slot = spec and self._slots.get(_key(spec.kernel))
         if slot is None:
             raise ValueError(
                 f"BNP has no statistics for layer '{layer.name}' "

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 
 import keras
+import tensorflow as tf
 
 SUPPORTED_LAYERS = (
     keras.layers.Dense,
@@ -58,17 +59,20 @@ def is_supported(layer):
 
 def spec(layer):
     """The `LayerSpec` of a supported layer, or `None` while it is unbuilt
-    or its kernel is not trainable (e.g. quantized)."""
+    or its kernel is not trainable (e.g. frozen or quantized)."""
     if not layer.built:
         return None
-    kernel = layer.kernel
-    if not kernel.trainable:
+    # The variables themselves: inside a mixed-precision call, attributes
+    # such as `layer.kernel` can be autocast tensors.
+    weights = {weight.name: weight for weight in layer.trainable_weights}
+    kernel = weights.get("kernel")
+    if kernel is None:
         return None
     data_format = getattr(layer, "data_format", "channels_last")
     return LayerSpec(
         layer=layer,
         kernel=kernel,
-        bias=layer.bias if layer.use_bias else None,
+        bias=weights.get("bias"),
         channel_axis=1 if data_format == "channels_first" else -1,
         groups=getattr(layer, "groups", 1),
     )
@@ -90,15 +94,19 @@ def capture_inputs(layers, on_first_call):
     Yields a dict `{layer: [input, ...]}`; a layer called several times (a
     shared layer) has one entry per call. `on_first_call(layer)` runs the
     first time each layer is called, after Keras has built it. The layers'
-    `call` is patched on the instance only, and restored on exit.
+    `call` is patched on the instance only, and restored on exit. Calls in
+    another graph than the one entered in (Keras' symbolic shape inference
+    while it builds a model) are not recorded.
     """
     captured = {layer: [] for layer in layers}
+    graph = tf.compat.v1.get_default_graph()
 
     def hook(layer, call):
         def recording_call(*args, **kwargs):
-            if not captured[layer]:
-                on_first_call(layer)
-            captured[layer].append(args[0] if args else kwargs["inputs"])
+            if tf.compat.v1.get_default_graph() is graph:
+                if not captured[layer]:
+                    on_first_call(layer)
+                captured[layer].append(args[0] if args else kwargs["inputs"])
             return call(*args, **kwargs)
 
         return recording_call
