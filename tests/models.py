@@ -52,6 +52,7 @@ def branches():
     return model, layer_inputs
 
 
+@keras.saving.register_keras_serializable(package="keras_bnp_tests")
 class Subclassed(keras_bnp.BNPMixin, keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -1,0 +1,238 @@
+"""Saving, resuming and exporting BNP models."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_allclose
+from helpers import logits_loss
+from helpers import shifted_inputs
+from models import IN
+from models import MODEL_KINDS
+from models import OUT
+
+import keras_bnp
+
+X = shifted_inputs(np.random.default_rng(0), (48, IN))
+Y = np.arange(48) % OUT
+FIT = dict(batch_size=8, shuffle=False, verbose=0)
+SAVED_KINDS = ["sequential", "functional_branches", "subclassed",
+               "nested_submodel", "deferred_sequential"]
+
+
+def _compiled(kind, jit_compile=False):
+    keras.utils.set_random_seed(0)
+    model, _ = MODEL_KINDS[kind]()
+    model.compile(
+        optimizer=keras_bnp.BNP(0.05, momentum=0.9),
+        loss=logits_loss(),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def _straight(kind, epochs=2):
+    model = _compiled(kind)
+    model.fit(X, Y, epochs=epochs, **FIT)
+    return model
+
+
+def _assert_same_state(model, other, atol=1e-6):
+    for a, b in zip(model.get_weights(), other.get_weights()):
+        assert_allclose(a, b, atol=atol, rtol=0)
+    assert len(model.optimizer.variables) == len(other.optimizer.variables)
+    for a, b in zip(model.optimizer.variables, other.optimizer.variables):
+        assert_allclose(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", SAVED_KINDS)
+def test_keras_file_resumes_exactly(kind, tmp_path):
+    straight = _straight(kind)
+    model = _compiled(kind)
+    model.fit(X, Y, epochs=1, **FIT)
+    model.save(tmp_path / "m.keras")
+    # pytest turns every warning (e.g. Keras' "Skipping variable loading
+    # for optimizer") into an error.
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded) is type(model)
+    bnp = loaded.optimizer
+    assert isinstance(bnp, keras_bnp.BNP)
+    assert isinstance(bnp.inner_optimizer, keras.optimizers.SGD)
+    assert bnp.inner_optimizer.momentum == 0.9 and int(bnp.iterations) == 6
+    _assert_same_state(model, loaded, atol=0)
+    loaded.fit(X, Y, epochs=1, **FIT)
+    _assert_same_state(straight, loaded)
+
+
+def test_keras_file_resumes_exactly_in_a_fresh_process(tmp_path):
+    straight = _straight("functional_branches")
+    model = _compiled("functional_branches")
+    model.fit(X, Y, epochs=1, **FIT)
+    model.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "data.npz", x=X, y=Y)
+    script = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("error")
+        import keras, numpy as np, keras_bnp
+        data = np.load({str(tmp_path / "data.npz")!r})
+        model = keras.models.load_model({str(tmp_path / "m.keras")!r})
+        model.fit(data["x"], data["y"], epochs=1, batch_size=8,
+                  shuffle=False, verbose=0)
+        np.savez({str(tmp_path / "out.npz")!r}, *model.get_weights(),
+                 *[v.numpy() for v in model.optimizer.variables])
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                   timeout=300)
+    with np.load(tmp_path / "out.npz") as out:
+        resumed = [out[f"arr_{i}"] for i in range(len(out.files))]
+    want = straight.get_weights() + [
+        v.numpy() for v in straight.optimizer.variables]
+    assert len(resumed) == len(want)
+    for a, b in zip(resumed, want):
+        assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_tf_train_checkpoint_carries_the_statistics(tmp_path):
+    straight = _straight("sequential")
+    model = _compiled("sequential")
+    model.fit(X, Y, epochs=1, **FIT)
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+        str(tmp_path / "ckpt"))
+    restored = _compiled("sequential")
+    restored._build_bnp_state()
+    tf.train.Checkpoint(
+        model=restored, optimizer=restored.optimizer
+    ).restore(path).assert_consumed()
+    _assert_same_state(model, restored, atol=0)
+    restored.fit(X, Y, epochs=1, **FIT)
+    _assert_same_state(straight, restored)
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_model_checkpoint_callback_resumes(weights_only, tmp_path):
+    straight = _straight("functional_branches")
+    path = str(tmp_path / ("m.weights.h5" if weights_only else "m.keras"))
+    model = _compiled("functional_branches")
+    model.fit(X, Y, epochs=1, callbacks=[keras.callbacks.ModelCheckpoint(
+        path, save_weights_only=weights_only)], **FIT)
+    if weights_only:
+        resumed = _compiled("functional_branches")
+        resumed.load_weights(path)
+    else:
+        resumed = keras.models.load_model(path)
+    resumed.fit(X, Y, epochs=1, **FIT)
+    _assert_same_state(straight, resumed)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() == 9:  # mid epoch 2
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_an_interrupted_run(tmp_path):
+    straight = _straight("sequential", epochs=3)
+    backup = str(tmp_path / "backup")
+    model = _compiled("sequential")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(X, Y, epochs=3, callbacks=[
+            keras.callbacks.BackupAndRestore(backup), _Interrupt()], **FIT)
+    resumed = _compiled("sequential")
+    resumed.fit(X, Y, epochs=3,
+                callbacks=[keras.callbacks.BackupAndRestore(backup)], **FIT)
+    assert int(resumed.optimizer.iterations) == 18
+    _assert_same_state(straight, resumed)
+
+
+def test_optimizer_weights_api_includes_inner_state():
+    model = _straight("sequential", epochs=1)
+    bnp = model.optimizer
+    names = [v.path for v in bnp.variables]
+    assert any(n.endswith("a_moving_mean") for n in names)
+    assert any("momentum" in n for n in names)  # the inner SGD's slots
+    values = [v.numpy() for v in bnp.variables]
+    other = _compiled("sequential")
+    other._build_bnp_state()
+    other.optimizer.set_weights(values)
+    for variable, value in zip(other.optimizer.variables, values):
+        assert_allclose(variable, value, atol=0, rtol=0)
+    store = {}
+    bnp.save_own_variables(store)
+    assert len(store) == len(values)
+    third = _compiled("sequential")
+    third._build_bnp_state()
+    third.optimizer.load_own_variables(store)
+    for variable, value in zip(third.optimizer.variables, values):
+        assert_allclose(variable, value, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"received 2 weights"):
+        third.optimizer.set_weights(values[:2])
+
+
+def _graph_op_types(path):
+    loaded = tf.saved_model.load(path)  # keeps the variables alive
+    graph = loaded.signatures["serving_default"].graph
+    return sorted(op.type for op in graph.get_operations())
+
+
+def test_export_serves_predictions_and_contains_no_bnp_work(tmp_path):
+    model = _straight("functional_branches", epochs=1)
+    model.export(str(tmp_path / "bnp"), verbose=False)
+    expected = model.predict(X, verbose=0)
+    loaded = tf.saved_model.load(str(tmp_path / "bnp"))
+    assert_allclose(loaded.serve(X), expected, atol=1e-6)
+    layer = keras.layers.TFSMLayer(str(tmp_path / "bnp"), call_endpoint="serve")
+    assert_allclose(layer(X), expected, atol=1e-6)
+    # The same architecture as a plain keras.Model exports the same ops.
+    plain = keras.Model(model.inputs, model.outputs)
+    plain.export(str(tmp_path / "plain"), verbose=False)
+    assert _graph_op_types(str(tmp_path / "bnp")) == _graph_op_types(
+        str(tmp_path / "plain"))
+
+
+@pytest.fixture
+def restore_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_statistics(policy, restore_policy):
+    from keras_bnp import data
+
+    keras.mixed_precision.set_global_policy(policy)
+    (x, y), _ = data.load_mnist()
+    x = x[:2000].reshape(2000, -1)
+    keras.utils.set_random_seed(0)
+    model = keras_bnp.BNPSequential([
+        keras.Input((784,)), keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10)])
+    model.compile(optimizer=keras_bnp.BNP(0.01), loss=logits_loss())
+    history = model.fit(x, y[:2000], batch_size=32, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.6 * losses[0]
+    bnp = keras_bnp.model.find_bnp(model.optimizer)
+    wrapped = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert wrapped == (policy == "mixed_float16")
+    assert all(v.dtype == "float32" for s in bnp._slots.values()
+               for v in s.variables)
+    mean, variance = bnp.layer_statistics(model.layers[0])
+    # The last batch's pixels drive the first layer's statistics: a valid
+    # mean of values in [0, 1], close to the data's overall pixel mean.
+    assert mean.dtype == np.float32
+    assert abs(mean.mean() - x.mean()) < 0.02
+    assert np.all(variance >= 0)
+
+
+def test_jit_compile_gives_the_same_weights():
+    models = []
+    for jit_compile in (False, True):
+        model = _compiled("functional_branches", jit_compile=jit_compile)
+        model.fit(X, Y, epochs=6, **FIT)  # 36 steps
+        models.append(model)
+    _assert_same_state(*models, atol=1e-5)
