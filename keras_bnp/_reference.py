@@ -2,8 +2,8 @@
 
 Used by the tests to check the TensorFlow path. It shares no code with it
 and takes the long way on purpose:
-- statistics are the bias-corrected EMAs of the raw moments `E[x]`,
-  `E[x^2]` (the TF path keeps a centred form);
+- statistics are EMAs of the raw sums `n`, `sum(x)`, `sum(x^2)` (the TF
+  path keeps a centred form);
 - the preconditioner is an explicit matrix inverse, per output unit, of the
   input second moment with covariances dropped (the TF path uses the closed
   form).
@@ -26,29 +26,32 @@ def batch_moments(inputs, channel_axis):
 
 
 class RawMomentStatistics:
-    """Bias-corrected moving averages of `E[x]` and `E[x^2]`."""
+    """Moving averages of the raw sums `n`, `sum(x)`, `sum(x^2)`."""
 
     def __init__(self, channels, momentum):
         self.momentum = momentum
+        self.count = 0.0
         self.first = np.zeros(channels)
         self.second = np.zeros(channels)
-        self.steps = 0
 
     def update(self, inputs, channel_axis):
-        mean, variance = batch_moments(inputs, channel_axis)
+        flat = np.concatenate([
+            np.moveaxis(np.asarray(x, np.float64), channel_axis, -1).reshape(
+                -1, np.shape(x)[channel_axis])
+            for x in inputs
+        ])
         beta = self.momentum
-        self.first = beta * self.first + (1 - beta) * mean
-        self.second = beta * self.second + (1 - beta) * (variance + mean**2)
-        self.steps += 1
+        self.count = beta * self.count + len(flat)
+        self.first = beta * self.first + flat.sum(axis=0)
+        self.second = beta * self.second + (flat**2).sum(axis=0)
 
     @property
     def mean(self):
-        return self.first / (1 - self.momentum**self.steps)
+        return self.first / self.count
 
     @property
     def variance(self):
-        second = self.second / (1 - self.momentum**self.steps)
-        return np.maximum(second - self.mean**2, 0.0)
+        return np.maximum(self.second / self.count - self.mean**2, 0.0)
 
 
 def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):

@@ -56,11 +56,11 @@ class _Slot:
     groups: int
     moving_mean: keras.Variable
     moving_variance: keras.Variable
-    steps: keras.Variable
+    moving_count: keras.Variable
 
     @property
     def variables(self):
-        return [self.moving_mean, self.moving_variance, self.steps]
+        return [self.moving_mean, self.moving_variance, self.moving_count]
 
 
 @keras.saving.register_keras_serializable(package="keras_bnp")
@@ -78,12 +78,13 @@ class BNP(keras.optimizers.Optimizer):
     and ordinary gradients `g_w`, `g_b`, one training step is:
 
     ```python
-    # 1. statistics, per input channel, with the current batch
-    w_t = (1 - statistics_momentum) / (1 - statistics_momentum ** t)
+    # 1. statistics, per input channel, with the current batch of n values
+    moving_count = statistics_momentum * moving_count + n
+    w = n / moving_count
     delta = mean(x) - moving_mean
-    moving_mean += w_t * delta
-    moving_variance = ((1 - w_t) * moving_variance + w_t * var(x)
-                       + w_t * (1 - w_t) * delta ** 2)
+    moving_mean += w * delta
+    moving_variance = ((1 - w) * moving_variance + w * var(x)
+                       + w * (1 - w) * delta ** 2)
     # 2. preconditioning
     g_w = (g_w - moving_mean * g_b) / (moving_variance + epsilon)
     g_b = g_b - sum(g_w * moving_mean, axis=fan_in_axes)
@@ -92,9 +93,13 @@ class BNP(keras.optimizers.Optimizer):
     inner_optimizer.apply([g_w, g_b], [w, b])
     ```
 
-    Step 1 is the bias-corrected moving average of the raw moments `E[x]`,
-    `E[x^2]`, kept in centred form; `var(x)` is the population variance over
-    the batch and all spatial positions (as `BatchNormalization` uses).
+    Step 1 keeps moving averages of the raw sums `n`, `sum(x)`, `sum(x^2)`
+    in centred form; dividing by `moving_count` corrects the start-up bias
+    (Adam's `1 - statistics_momentum ** t` for equal batch sizes) and weights
+    a smaller last batch by its size. `mean(x)`, `var(x)` are over the batch
+    and all spatial positions (the population variance, as
+    `BatchNormalization` uses), so at batch size 1 the variance comes from
+    the averaging across steps.
     Step 2 is one SGD step on the layer rewritten with normalized inputs
     `(x - moving_mean) / sqrt(moving_variance)`, mapped back to `(w, b)`:
     the inverse of the input second moment `E[[x; 1][x; 1]^T]` with the
@@ -205,8 +210,9 @@ class BNP(keras.optimizers.Optimizer):
           the layer's input per input channel.
         - `{layer}_moving_variance`: shape `(in_channels,)`, running
           variance of the layer's input per input channel.
-        - `{layer}_statistics_steps`: shape `()`, number of statistics
-          updates, for the bias correction.
+        - `{layer}_moving_count`: shape `()`, moving average of the number
+          of values per channel in each step (the normalizer that corrects
+          the start-up bias).
         """
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -238,8 +244,8 @@ class BNP(keras.optimizers.Optimizer):
                     moving_variance=self._statistics_variable(
                         channels, "ones", f"{layer.name}_moving_variance"
                     ),
-                    steps=self._statistics_variable(
-                        (), "zeros", f"{layer.name}_statistics_steps"
+                    moving_count=self._statistics_variable(
+                        (), "zeros", f"{layer.name}_moving_count"
                     ),
                 )
             self._slots[slot.kernel_key] = slot
@@ -334,12 +340,13 @@ class BNP(keras.optimizers.Optimizer):
         mean, variance = statistics.moments_from_sums(
             count, centred_sum, centred_square_sum, shift
         )
-        new_mean, new_variance = statistics.update_moving(
+        new_mean, new_variance, new_count = statistics.update_moving(
             shift,
             slot.moving_variance,
-            slot.steps,
+            slot.moving_count,
             mean,
             variance,
+            count,
             self.statistics_momentum,
         )
         usable = tf.logical_and(
@@ -350,7 +357,9 @@ class BNP(keras.optimizers.Optimizer):
         new_variance = tf.where(usable, new_variance, slot.moving_variance)
         self.assign(slot.moving_mean, new_mean)
         self.assign(slot.moving_variance, new_variance)
-        self.assign_add(slot.steps, tf.cast(usable, tf.float32))
+        self.assign(
+            slot.moving_count, tf.where(usable, new_count, slot.moving_count)
+        )
         return new_mean, new_variance
 
     def layer_statistics(self, layer):

@@ -1,9 +1,12 @@
 """Batch moments of layer inputs and the running-statistics update.
 
 Everything is float32, whatever the input dtype. The running statistics are
-the bias-corrected exponential moving averages of the raw moments `E[x]` and
-`E[x^2]` (as Adam corrects its moments), stored in centred form
-`(moving_mean, moving_variance)`: the same numbers, without the cancellation
+exponential moving averages of the raw sums `n`, `sum(x)`, `sum(x^2)` of each
+step's inputs; their ratios give the mean and variance. Dividing by the
+averaged count `n` is the start-up bias correction (for equal batch sizes it
+is exactly Adam's `1 - momentum ** t`) and weights a smaller batch (the last
+of an epoch) by its size. They are stored in centred form `(moving_mean,
+moving_variance, moving_count)`: the same numbers, without the cancellation
 of `E[x^2] - E[x]^2` in float32 when `|mean| >> std`.
 """
 
@@ -43,23 +46,24 @@ def moments_from_sums(count, centred_sum, centred_square_sum, shift):
     return shift + centred_mean, variance
 
 
-def update_moving(moving_mean, moving_variance, steps, mean, variance, momentum):
-    """One bias-corrected EMA step of the statistics.
+def update_moving(
+    moving_mean, moving_variance, moving_count, mean, variance, count, momentum
+):
+    """One step of the count-weighted moving averages.
 
-    `steps` is the number of updates so far. The new batch gets weight
-    `w = (1 - momentum) / (1 - momentum ** (steps + 1))`, which is the Adam
-    bias correction; the first update (and every update with momentum 0)
-    returns the batch statistics exactly. The variance is that of the
-    weighted mixture of the old estimate and the batch:
+    With `moving_count = momentum * moving_count + count`, the new batch gets
+    weight `w = count / moving_count`: the first update (and every update
+    with momentum 0) returns the batch statistics exactly. The variance is
+    that of the weighted mixture of the old estimate and the batch:
 
         moving_variance = (1 - w) * moving_variance + w * variance
                           + w * (1 - w) * (mean - moving_mean) ** 2
 
     Returns:
-        `(moving_mean, moving_variance)` after the update.
+        `(moving_mean, moving_variance, moving_count)` after the update.
     """
-    momentum = tf.cast(momentum, tf.float32)
-    weight = (1.0 - momentum) / (1.0 - tf.pow(momentum, steps + 1.0))
+    moving_count = tf.cast(momentum, tf.float32) * moving_count + count
+    weight = count / moving_count
     delta = mean - moving_mean
     new_mean = (1.0 - weight) * moving_mean + weight * mean
     new_variance = (
@@ -67,4 +71,4 @@ def update_moving(moving_mean, moving_variance, steps, mean, variance, momentum)
         + weight * variance
         + weight * (1.0 - weight) * tf.square(delta)
     )
-    return new_mean, new_variance
+    return new_mean, new_variance, moving_count

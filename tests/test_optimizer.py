@@ -81,7 +81,10 @@ def test_many_steps_match_numpy_reference(name):
         assert_allclose(mean, stats.mean, atol=1e-5, rtol=1e-5)
         assert_allclose(variance, stats.variance, atol=1e-5, rtol=1e-4)
     for actual, want in zip(layer.trainable_weights, weights):
-        assert_allclose(actual, want, atol=1e-5, rtol=1e-4)
+        # float32 round-off, relative to the weights' magnitude after 40
+        # amplified steps (up to ~15 here).
+        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
+                        rtol=1e-4)
 
 
 def test_shared_layer_pools_all_calls():

@@ -55,43 +55,75 @@ def test_large_offset_keeps_variance_accurate():
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.99])
-def test_update_matches_raw_moment_reference(momentum):
+def test_update_matches_raw_sum_reference(momentum):
+    # Uneven batch sizes (1 to 4 rows), as at the end of an epoch.
     rng = np.random.default_rng(1)
     channels = 4
     reference = _reference.RawMomentStatistics(channels, momentum)
-    mean, variance = tf.zeros(channels), tf.ones(channels)
-    for step in range(60):
+    mean, variance, count = tf.zeros(channels), tf.ones(channels), 0.0
+    for _ in range(60):
         batch = shifted_inputs(rng, (int(rng.integers(1, 5)), channels))
         batch_mean, batch_variance = _reference.batch_moments([batch], -1)
-        mean, variance = statistics.update_moving(
-            mean, variance, float(step), tf.constant(batch_mean, tf.float32),
-            tf.constant(batch_variance, tf.float32), momentum,
+        mean, variance, count = statistics.update_moving(
+            mean, variance, count, tf.constant(batch_mean, tf.float32),
+            tf.constant(batch_variance, tf.float32), float(len(batch)),
+            momentum,
         )
         reference.update([batch], -1)
+        assert_allclose(count, reference.count, atol=1e-5, rtol=1e-5)
         assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
         assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-5)
+
+
+def test_equal_batches_give_adam_bias_correction():
+    # For equal batch sizes the count normalizer is Adam's 1 - beta^t: the
+    # mean after batches with means 1, 2, 3 is their EMA over (1 - beta^3).
+    beta = 0.9
+    mean, variance, count = tf.zeros(1), tf.zeros(1), 0.0
+    for value in (1.0, 2.0, 3.0):
+        mean, variance, count = statistics.update_moving(
+            mean, variance, count, tf.constant([value]), tf.zeros(1), 8.0,
+            beta,
+        )
+    ema = (1 - beta) * (beta**2 * 1.0 + beta * 2.0 + 3.0)
+    assert_allclose(mean, [ema / (1 - beta**3)])
+    assert_allclose(count, 8.0 * (1 - beta**3) / (1 - beta), rtol=1e-6)
+
+
+def test_smaller_batch_is_weighted_by_its_size():
+    # Momentum 0.5: a full batch of 6 values at 0, then a last batch of 2
+    # values at 3. Weights: 0.5 * 6 = 3 against 2, so the mean is 6/5.
+    mean, variance, count = statistics.update_moving(
+        tf.zeros(1), tf.ones(1), 0.0, tf.zeros(1), tf.zeros(1), 6.0, 0.5
+    )
+    mean, variance, count = statistics.update_moving(
+        mean, variance, count, tf.constant([3.0]), tf.zeros(1), 2.0, 0.5
+    )
+    assert_allclose(mean, [6.0 / 5.0])
+    assert_allclose(variance, [(3 / 5) * (2 / 5) * 9.0])
+    assert_allclose(count, 5.0)
 
 
 def test_first_update_and_zero_momentum_return_the_batch():
     batch_mean = tf.constant([1.0, -2.0])
     batch_variance = tf.constant([0.5, 4.0])
-    for momentum, steps in [(0.99, 0.0), (0.0, 0.0), (0.0, 17.0)]:
-        mean, variance = statistics.update_moving(
-            tf.constant([5.0, 5.0]), tf.constant([9.0, 9.0]), steps,
-            batch_mean, batch_variance, momentum,
+    for momentum, moving_count in [(0.99, 0.0), (0.0, 0.0), (0.0, 17.0)]:
+        mean, variance, _ = statistics.update_moving(
+            tf.constant([5.0, 5.0]), tf.constant([9.0, 9.0]), moving_count,
+            batch_mean, batch_variance, 3.0, momentum,
         )
         assert_allclose(mean, batch_mean)
         assert_allclose(variance, batch_variance)
 
 
 def test_batch_size_one_gives_variance_from_the_running_average():
-    # Two single values 0 and 2 with momentum 0.5: the debiased weights are
-    # 1/3 and 2/3, so mean = 4/3 and variance = (1/3)(2/3)(2 - 0)^2 = 8/9.
-    mean, variance = statistics.update_moving(
-        tf.zeros(1), tf.ones(1), 0.0, tf.zeros(1), tf.zeros(1), 0.5
+    # Two single values 0 and 2 with momentum 0.5: weights 1/3 and 2/3, so
+    # mean = 4/3 and variance = (1/3)(2/3)(2 - 0)^2 = 8/9.
+    mean, variance, count = statistics.update_moving(
+        tf.zeros(1), tf.ones(1), 0.0, tf.zeros(1), tf.zeros(1), 1.0, 0.5
     )
-    mean, variance = statistics.update_moving(
-        mean, variance, 1.0, tf.constant([2.0]), tf.zeros(1), 0.5
+    mean, variance, count = statistics.update_moving(
+        mean, variance, count, tf.constant([2.0]), tf.zeros(1), 1.0, 0.5
     )
     assert_allclose(mean, [4.0 / 3.0])
     assert_allclose(variance, [8.0 / 9.0])
