@@ -3,6 +3,10 @@
 A supported kernel has the layout `(*spatial, in_channels // groups, units)`
 (Dense is the case of no spatial axes and `groups == 1`). Statistics are per
 input channel, shape `(in_channels,)`.
+
+For convolutions the rule is the exact normalized-input reparametrization
+only with `padding="valid"`: zero padding is not shifted by the mean, so at
+the borders the identity holds approximately.
 """
 
 import math

@@ -50,6 +50,17 @@ def test_statistics_of_every_layer_match_numpy(
     assert not any("call" in layer.__dict__ for layer in references)
 
 
+def test_zero_momentum_full_batch_gives_batch_mean_and_population_variance():
+    model = mlp(inputs=IN, outputs=OUT)
+    model.compile(optimizer=keras_bnp.BNP(statistics_momentum=0.0),
+                  loss=logits_loss())
+    model.fit(X, Y, batch_size=len(X), epochs=1, verbose=0)
+    mean, variance = model.optimizer.layer_statistics(model.layers[0])
+    assert_allclose(mean, X.astype("float64").mean(0), atol=1e-6, rtol=1e-6)
+    assert_allclose(variance, X.astype("float64").var(0), atol=1e-6,
+                    rtol=1e-5)
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_every_model_kind_trains(kind, jit_compile):

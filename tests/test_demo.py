@@ -1,0 +1,19 @@
+"""`python -m keras_bnp.demo` runs and reports both methods."""
+
+import os
+import re
+import subprocess
+import sys
+
+
+def test_demo_prints_accuracy_and_time_of_each_method():
+    out = subprocess.run(
+        [sys.executable, "-m", "keras_bnp.demo", "--batch-sizes", "16",
+         "--epochs", "1", "--train-size", "2000"],
+        check=True, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    ).stdout
+    rows = re.findall(r"^(sgd|bnp)\s+16\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
+    assert [method for method, _, _ in rows] == ["sgd", "bnp"], out
+    for _, accuracy, seconds in rows:
+        assert 0.75 < float(accuracy) <= 1.0 and float(seconds) > 0
