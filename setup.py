@@ -21,6 +21,6 @@ setup(
     ],
     extras_require={
         "data": ["tensorflow-datasets"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "tensorboard"],
     },
 )

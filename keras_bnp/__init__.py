@@ -15,10 +15,18 @@ if not keras.__version__.startswith("3.") or keras.backend.backend() != (
         "Set KERAS_BACKEND=tensorflow before importing keras."
     )
 
+from keras_bnp import callbacks  # noqa: E402
 from keras_bnp.model import BNPMixin  # noqa: E402
 from keras_bnp.model import BNPModel  # noqa: E402
 from keras_bnp.model import BNPSequential  # noqa: E402
 from keras_bnp.optimizer import BNP  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BNP", "BNPMixin", "BNPModel", "BNPSequential", "__version__"]
+__all__ = [
+    "BNP",
+    "BNPMixin",
+    "BNPModel",
+    "BNPSequential",
+    "callbacks",
+    "__version__",
+]

@@ -3,14 +3,11 @@
 import keras
 
 from keras_bnp import registry
-from keras_bnp.optimizer import BNP
+from keras_bnp.callbacks import NonFiniteInputWarning
+from keras_bnp.optimizer import find_bnp
 
-
-def find_bnp(optimizer):
-    """The `BNP` inside `optimizer` (e.g. under a LossScaleOptimizer)."""
-    while optimizer is not None and not isinstance(optimizer, BNP):
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return optimizer
+# Position of `callbacks` among `Model.fit`'s positional parameters.
+_FIT_CALLBACKS_POSITION = 5
 
 
 class BNPMixin:
@@ -33,6 +30,18 @@ class BNPMixin:
             return super().train_step(data)
         with bnp.capture(self):
             return super().train_step(data)
+
+    def fit(self, *args, **kwargs):
+        # Adds a callback that warns (once, at an epoch end) if BNP skipped
+        # statistics updates on NaN/Inf inputs; everything else is Keras'.
+        if find_bnp(getattr(self, "optimizer", None)) is not None:
+            if len(args) > _FIT_CALLBACKS_POSITION:
+                args = list(args)
+                args[_FIT_CALLBACKS_POSITION] = _with_warning(
+                    args[_FIT_CALLBACKS_POSITION])
+            else:
+                kwargs["callbacks"] = _with_warning(kwargs.get("callbacks"))
+        return super().fit(*args, **kwargs)
 
     def make_train_function(self, force=False):
         self._build_bnp_state()
@@ -61,6 +70,13 @@ class BNPMixin:
             if not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
             bnp.track(registry.supported_layers(self))
+
+
+def _with_warning(callbacks):
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(NonFiniteInputWarning())
+        return callbacks
+    return list(callbacks or []) + [NonFiniteInputWarning()]
 
 
 @keras.saving.register_keras_serializable(package="keras_bnp")

@@ -51,6 +51,8 @@ class _Slot:
     """
 
     rank: int
+    layer_name: str
+    layer_class: str
     kernel_key: int
     bias_key: int | None
     groups: int
@@ -202,7 +204,10 @@ class BNP(keras.optimizers.Optimizer):
         self.__dict__["_step_inputs"] = None
 
     def build(self, var_list):
-        """Builds the inner optimizer.
+        """Builds the inner optimizer, and BNP's own variable:
+        - `skipped_statistics_updates`: shape `()`, how many (layer, step)
+          statistics updates were skipped because the layer's input had a
+          NaN or Inf.
 
         Per tracked layer, BNP adds (in `track`, not here, because only the
         model knows its layers) three float32 variables:
@@ -215,6 +220,10 @@ class BNP(keras.optimizers.Optimizer):
           the start-up bias).
         """
         self.inner_optimizer.build(var_list)
+        with keras.name_scope(self.name, caller=self):
+            self._skipped_updates = self._statistics_variable(
+                (), "zeros", "skipped_statistics_updates"
+            )
         super().build(var_list)
 
     def track(self, layers):
@@ -233,6 +242,8 @@ class BNP(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 slot = _Slot(
                     rank=rank,
+                    layer_name=layer.name,
+                    layer_class=type(layer).__name__,
                     kernel_key=_key(spec.kernel),
                     bias_key=(
                         None if spec.bias is None else _key(spec.bias)
@@ -328,7 +339,7 @@ class BNP(keras.optimizers.Optimizer):
         """Folds this step's inputs into the slot; returns the new stats.
 
         A batch with a non-finite value (or no values) leaves the statistics
-        as they were.
+        as they were, and counts in `skipped_statistics_updates`.
         """
         shift = tf.convert_to_tensor(slot.moving_mean)
         sums = [
@@ -360,6 +371,9 @@ class BNP(keras.optimizers.Optimizer):
         self.assign(
             slot.moving_count, tf.where(usable, new_count, slot.moving_count)
         )
+        self.assign_add(
+            self._skipped_updates, 1.0 - tf.cast(usable, tf.float32)
+        )
         return new_mean, new_variance
 
     def layer_statistics(self, layer):
@@ -376,9 +390,61 @@ class BNP(keras.optimizers.Optimizer):
                 "optimizer (or trained one step)."
             )
         return (
-            keras.ops.convert_to_numpy(slot.moving_mean),
-            keras.ops.convert_to_numpy(slot.moving_variance),
+            slot.moving_mean.numpy(),
+            slot.moving_variance.numpy(),
         )
+
+    @property
+    def skipped_statistics_updates(self):
+        """Number of (layer, step) statistics updates skipped so far because
+        a layer's input had a NaN or Inf (0 before the first step)."""
+        if not self.built:
+            return 0
+        return int(self._skipped_updates.numpy())
+
+    def statistics_summary(self, near_constant=1e-6):
+        """Per tracked layer (in model order), a dict of diagnostics:
+        `layer`, `class`, `in_channels`, `min_variance`, `max_scale` (the
+        largest `1 / (variance + epsilon)`) and `near_constant` (the number
+        of input channels with variance at most `near_constant`)."""
+        rows = []
+        for slot in sorted(self._slots.values(), key=lambda s: s.rank):
+            variance = slot.moving_variance.numpy()
+            rows.append({
+                "layer": slot.layer_name,
+                "class": slot.layer_class,
+                "in_channels": int(variance.shape[0]),
+                "min_variance": float(variance.min()),
+                "max_scale": float(1.0 / (variance.min() + self.epsilon)),
+                "near_constant": int((variance <= near_constant).sum()),
+            })
+        return rows
+
+    def summary(self, print_fn=print):
+        """Prints the tracked layers and how each is preconditioned."""
+        lines = [
+            f"BNP '{self.name}': epsilon={self.epsilon:g}, "
+            f"statistics_momentum={self.statistics_momentum:g}, inner "
+            f"optimizer {type(self.inner_optimizer).__name__}",
+            f"{'layer':<24}{'class':<10}{'in_ch':>6}{'groups':>7}  rule",
+        ]
+        for slot in sorted(self._slots.values(), key=lambda s: s.rank):
+            rule = ("centre + scale kernel and bias" if slot.bias_key
+                    is not None else "scale kernel (no bias)")
+            channels = int(slot.moving_mean.shape[0])
+            lines.append(f"{slot.layer_name:<24}{slot.layer_class:<10}"
+                         f"{channels:>6}{slot.groups:>7}  {rule}")
+        if self.built:
+            preconditioned = {k for s in self._slots.values()
+                              for k in (s.kernel_key, s.bias_key)}
+            others = [v for v in self._trainable_variables
+                      if _key(v) not in preconditioned]
+            lines.append(f"{len(others)} other trainable variables: inner "
+                         "optimizer only.")
+        if not self._slots:
+            lines.append("No layers tracked yet: compile a BNPMixin model "
+                         "with this optimizer and build or train it.")
+        print_fn("\n".join(lines))
 
     @property
     def variables(self):
@@ -447,6 +513,13 @@ class BNP(keras.optimizers.Optimizer):
             config["inner_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def find_bnp(optimizer):
+    """The `BNP` inside `optimizer` (e.g. under a LossScaleOptimizer)."""
+    while optimizer is not None and not isinstance(optimizer, BNP):
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return optimizer
 
 
 def _as_float(name, value):

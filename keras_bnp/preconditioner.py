@@ -51,7 +51,7 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
             bias.
         mean: Per-input-channel mean, `(in_channels,)`.
         variance: Per-input-channel variance, `(in_channels,)`.
-        epsilon: Float added to the variance.
+        epsilon: Python float added to the variance.
         groups: Number of convolution groups.
 
     Returns:
@@ -61,10 +61,9 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     dtype = grad_kernel.dtype
     shape = grad_kernel.shape
     mean = kernel_view(tf.cast(mean, dtype), shape, groups)
+    # A Python-float epsilon converts exactly to the gradients' dtype.
     inverse = kernel_view(
-        1.0 / (tf.cast(variance, dtype) + tf.cast(epsilon, dtype)),
-        shape,
-        groups,
+        1.0 / (tf.cast(variance, dtype) + epsilon), shape, groups
     )
     fan_in_axes = list(range(len(shape) - 1))
     if grad_bias is None:

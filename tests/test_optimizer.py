@@ -27,6 +27,11 @@ LAYERS = {
     ),
     "conv2d_groups": (lambda: keras.layers.Conv2D(4, 2, groups=2),
                       (4, 4, 4), -1),
+    "conv1d_dilated_strided": (
+        lambda: keras.layers.Conv1D(2, 2, dilation_rate=2), (7, 3), -1),
+    "conv2d_strided_same": (
+        lambda: keras.layers.Conv2D(3, 3, strides=2, padding="same"),
+        (5, 5, 2), -1),
     "conv3d": (lambda: keras.layers.Conv3D(2, 2), (3, 3, 3, 2), -1),
     "conv3d_channels_first_no_bias": (
         lambda: keras.layers.Conv3D(

@@ -1,0 +1,103 @@
+"""Callbacks that report on BNP's running statistics."""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_bnp.optimizer import find_bnp
+
+
+def _bnp_of(model):
+    bnp = find_bnp(model.optimizer)
+    if bnp is None:
+        raise ValueError(
+            f"{type(model).__name__} is not compiled with keras_bnp.BNP "
+            f"(its optimizer is {type(model.optimizer).__name__}), so there "
+            "are no BNP statistics to report."
+        )
+    return bnp
+
+
+class StatisticsLogger(keras.callbacks.Callback):
+    """Logs summaries of BNP's running statistics at the end of each epoch.
+
+    For each tracked layer it adds to the epoch logs (so to `History`, and
+    to a `TensorBoard` callback placed after it):
+    - `bnp/{layer}/min_variance`: the smallest running variance;
+    - `bnp/{layer}/max_scale`: the largest `1 / (variance + epsilon)`, i.e.
+      the strongest amplification of a kernel gradient;
+    - `bnp/{layer}/near_constant`: the number of input channels whose
+      variance is at most `near_constant` (constant pixels, dead units).
+
+    Args:
+        log_dir: If set, also writes the values as TensorBoard scalars there
+            (needs the `tensorboard` package). Defaults to `None`.
+        near_constant: Variance threshold for `near_constant`. Defaults to
+            `1e-6`.
+    """
+
+    def __init__(self, log_dir=None, near_constant=1e-6):
+        super().__init__()
+        if log_dir is not None:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "StatisticsLogger(log_dir=...) writes TensorBoard "
+                    "summaries and needs the tensorboard package: "
+                    "`pip install tensorboard`. Without log_dir it only adds "
+                    "the values to the epoch logs."
+                ) from None
+        self.log_dir = log_dir
+        self.near_constant = float(near_constant)
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {}
+        for row in _bnp_of(self.model).statistics_summary(self.near_constant):
+            for field in ("min_variance", "max_scale", "near_constant"):
+                values[f"bnp/{row['layer']}/{field}"] = row[field]
+        if logs is not None:
+            logs.update(values)
+        if self.log_dir is not None:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.log_dir)
+            with self._writer.as_default():
+                for name, value in values.items():
+                    tf.summary.scalar(name, value, step=epoch)
+            self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class NonFiniteInputWarning(keras.callbacks.Callback):
+    """Warns once when BNP skipped statistics updates on NaN/Inf inputs.
+
+    `BNPMixin.fit` adds it; the check runs at the end of each epoch, so no
+    training step waits for the host.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._warned = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        bnp = find_bnp(self.model.optimizer)
+        if self._warned or bnp is None:
+            return
+        skipped = bnp.skipped_statistics_updates
+        if skipped:
+            self._warned = True
+            warnings.warn(
+                f"BNP skipped {skipped} statistics update(s) (up to epoch "
+                f"{epoch + 1}) because a layer's input contained NaN or Inf. "
+                "The running statistics were left unchanged; the weights were "
+                "updated by the inner optimizer as usual, so NaN gradients "
+                "may have reached them. Check the input data (e.g. with "
+                "keras.callbacks.TerminateOnNaN).",
+                stacklevel=2,
+            )
