@@ -2,7 +2,6 @@
 
 import keras
 
-from keras_bnp import registry
 from keras_bnp.callbacks import NonFiniteInputWarning
 from keras_bnp.optimizer import find_bnp
 
@@ -69,7 +68,7 @@ class BNPMixin:
         with self.distribute_strategy.scope():
             if not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
-            bnp.track(registry.supported_layers(self))
+            bnp.track(self)
 
 
 def _with_warning(callbacks):

@@ -220,16 +220,24 @@ class BNP(keras.optimizers.Optimizer):
           the start-up bias).
         """
         self.inner_optimizer.build(var_list)
-        with keras.name_scope(self.name, caller=self):
-            self._skipped_updates = self._statistics_variable(
-                (), "zeros", "skipped_statistics_updates"
-            )
+        self._skipped_updates = self._statistics_variable(
+            (), "zeros", "skipped_statistics_updates"
+        )
         super().build(var_list)
 
-    def track(self, layers):
-        """Creates statistics for the built layers among `layers`, the
-        supported layers of a model in `registry.supported_layers` order.
-        `BNPMixin` calls this; users rarely need to."""
+    def track(self, model):
+        """Creates the statistics of `model`'s supported, built layers.
+
+        `BNPMixin` calls this before training and when a model is loaded. In
+        a custom distributed loop, call `optimizer.build(
+        model.trainable_variables)` and `optimizer.track(model)` under
+        `strategy.scope()` before the first step.
+        """
+        self._track_layers(registry.supported_layers(model))
+
+    def _track_layers(self, layers):
+        """`layers`: a model's supported layers, in `supported_layers`
+        order (which fixes the saved order of the statistics)."""
         for rank, layer in enumerate(layers):
             spec = registry.spec(layer)
             if spec is None:
@@ -239,36 +247,43 @@ class BNP(keras.optimizers.Optimizer):
                 self._slots[key].rank = rank
                 continue
             channels = (spec.in_channels,)
-            with keras.name_scope(self.name, caller=self):
-                slot = _Slot(
-                    rank=rank,
-                    layer_name=layer.name,
-                    layer_class=type(layer).__name__,
-                    kernel_key=_key(spec.kernel),
-                    bias_key=(
-                        None if spec.bias is None else _key(spec.bias)
-                    ),
-                    groups=spec.groups,
-                    moving_mean=self._statistics_variable(
-                        channels, "zeros", f"{layer.name}_moving_mean"
-                    ),
-                    moving_variance=self._statistics_variable(
-                        channels, "ones", f"{layer.name}_moving_variance"
-                    ),
-                    moving_count=self._statistics_variable(
-                        (), "zeros", f"{layer.name}_moving_count"
-                    ),
-                )
+            slot = _Slot(
+                rank=rank,
+                layer_name=layer.name,
+                layer_class=type(layer).__name__,
+                kernel_key=_key(spec.kernel),
+                bias_key=None if spec.bias is None else _key(spec.bias),
+                groups=spec.groups,
+                moving_mean=self._statistics_variable(
+                    channels, "zeros", f"{layer.name}_moving_mean"
+                ),
+                moving_variance=self._statistics_variable(
+                    channels, "ones", f"{layer.name}_moving_variance"
+                ),
+                moving_count=self._statistics_variable(
+                    (), "zeros", f"{layer.name}_moving_count"
+                ),
+            )
             self._slots[slot.kernel_key] = slot
 
     def _statistics_variable(self, shape, initializer, name):
-        return self.add_variable(
-            shape=shape,
-            initializer=initializer,
-            dtype="float32",
-            aggregation="none",
-            name=name,
-        )
+        # Under a tf.distribute strategy each replica keeps its own copy and
+        # assigns it without communication: the batch sums are all-reduced
+        # first (`_all_replica_sums`), so the copies are identical, and a
+        # read outside the replicas (checkpoints, `layer_statistics`) gives
+        # their mean, i.e. the same value.
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer,
+                shape=shape,
+                dtype="float32",
+                trainable=False,
+                aggregation="mean",
+                synchronization="on_read",
+                name=name,
+            )
+        self._track_variable(variable)
+        return variable
 
     @contextlib.contextmanager
     def capture(self, model):
@@ -278,9 +293,9 @@ class BNP(keras.optimizers.Optimizer):
         inside this context. `BNPMixin.train_step` does this for `fit`.
         """
         layers = registry.supported_layers(model)
-        self.track(layers)
+        self._track_layers(layers)
         # A deferred-build layer gets its statistics on its first call.
-        on_first_call = lambda layer: self.track(layers)  # noqa: E731
+        on_first_call = lambda layer: self._track_layers(layers)  # noqa: E731
         with registry.capture_inputs(layers, on_first_call) as captured:
             self.__dict__["_step_inputs"] = captured
             try:
@@ -302,21 +317,28 @@ class BNP(keras.optimizers.Optimizer):
         position = {
             _key(v): i for i, v in enumerate(trainable_variables)
         }
+        layers = []
         for layer, inputs in step_inputs.items():
-            if not inputs:
-                warnings.warn(
-                    f"Layer '{layer.name}' ({type(layer).__name__}) was not "
-                    "called in this training step, so BNP has no statistics "
-                    "of its input and leaves its gradients unpreconditioned. "
-                    "This happens when a model uses a layer's weights without "
-                    "calling the layer; call the layer, or set "
-                    "`layer.trainable = False` if it is not trained.",
-                    stacklevel=2,
-                )
+            if inputs:
+                layers.append(layer)
                 continue
-            spec = registry.spec(layer)
-            slot = self._slots[_key(spec.kernel)]
-            mean, variance = self._update_statistics(slot, spec, inputs)
+            warnings.warn(
+                f"Layer '{layer.name}' ({type(layer).__name__}) was not "
+                "called in this training step, so BNP has no statistics "
+                "of its input and leaves its gradients unpreconditioned. "
+                "This happens when a model uses a layer's weights without "
+                "calling the layer; call the layer, or set "
+                "`layer.trainable = False` if it is not trained.",
+                stacklevel=2,
+            )
+        slots = [self._slots[_key(registry.spec(layer).kernel)]
+                 for layer in layers]
+        sums = _all_replica_sums([
+            self._input_sums(slot, layer, step_inputs[layer])
+            for slot, layer in zip(slots, layers)
+        ])
+        for slot, layer_sums in zip(slots, sums):
+            mean, variance = self._update_statistics(slot, *layer_sums)
             kernel_index = position.get(slot.kernel_key)
             if kernel_index is None or grads[kernel_index] is None:
                 continue
@@ -335,19 +357,23 @@ class BNP(keras.optimizers.Optimizer):
                 grads[bias_index] = grad_bias
         self.inner_optimizer.apply(grads, trainable_variables)
 
-    def _update_statistics(self, slot, spec, inputs):
-        """Folds this step's inputs into the slot; returns the new stats.
+    def _input_sums(self, slot, layer, inputs):
+        """`(count, sum(x - shift), sum((x - shift)^2))` over all of this
+        step's calls of `layer`, shifted by the current running mean."""
+        channel_axis = registry.spec(layer).channel_axis
+        shift = tf.convert_to_tensor(slot.moving_mean)
+        per_call = [
+            statistics.input_sums(x, channel_axis, shift) for x in inputs
+        ]
+        return [tf.add_n(list(parts)) for parts in zip(*per_call)]
+
+    def _update_statistics(self, slot, count, centred_sum, centred_square_sum):
+        """Folds this step's sums into the slot; returns the new statistics.
 
         A batch with a non-finite value (or no values) leaves the statistics
         as they were, and counts in `skipped_statistics_updates`.
         """
         shift = tf.convert_to_tensor(slot.moving_mean)
-        sums = [
-            statistics.input_sums(x, spec.channel_axis, shift) for x in inputs
-        ]
-        count, centred_sum, centred_square_sum = (
-            tf.add_n(list(parts)) for parts in zip(*sums)
-        )
         mean, variance = statistics.moments_from_sums(
             count, centred_sum, centred_square_sum, shift
         )
@@ -513,6 +539,16 @@ class BNP(keras.optimizers.Optimizer):
             config["inner_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _all_replica_sums(sums):
+    """Sums each layer's `(count, sum, sum of squares)` over the replicas of
+    a tf.distribute strategy, in one all-reduce for all layers; unchanged
+    without one. Summing counts weights replicas by their examples."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1 or not sums:
+        return sums
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
 
 
 def find_bnp(optimizer):

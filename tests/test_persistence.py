@@ -105,7 +105,8 @@ def test_tf_train_checkpoint_carries_the_statistics(tmp_path):
     path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
         str(tmp_path / "ckpt"))
     restored = _compiled("sequential")
-    restored._build_bnp_state()
+    restored.optimizer.build(restored.trainable_variables)
+    restored.optimizer.track(restored)
     tf.train.Checkpoint(
         model=restored, optimizer=restored.optimizer
     ).restore(path).assert_consumed()
@@ -158,7 +159,8 @@ def test_optimizer_weights_api_includes_inner_state():
     assert any("momentum" in n for n in names)  # the inner SGD's slots
     values = [v.numpy() for v in bnp.variables]
     other = _compiled("sequential")
-    other._build_bnp_state()
+    other.optimizer.build(other.trainable_variables)
+    other.optimizer.track(other)
     other.optimizer.set_weights(values)
     for variable, value in zip(other.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
@@ -166,7 +168,8 @@ def test_optimizer_weights_api_includes_inner_state():
     bnp.save_own_variables(store)
     assert len(store) == len(values)
     third = _compiled("sequential")
-    third._build_bnp_state()
+    third.optimizer.build(third.trainable_variables)
+    third.optimizer.track(third)
     third.optimizer.load_own_variables(store)
     for variable, value in zip(third.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
