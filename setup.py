@@ -21,6 +21,7 @@ setup(
     ],
     extras_require={
         "data": ["tensorflow-datasets"],
-        "test": ["pytest", "hypothesis", "tensorboard"],
+        "test": ["pytest", "hypothesis", "tensorboard", "matplotlib"],
+        "benchmark": ["matplotlib"],
     },
 )

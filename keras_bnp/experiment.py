@@ -1,7 +1,8 @@
-"""Train an MLP on MNIST with BNP or plain SGD, and sweep settings.
+"""Train a model on MNIST with BNP or a baseline, and sweep settings.
 
 One function, `run`, is the measuring instrument behind the demo, the
-defaults study (`docs/defaults.md`) and the tests' MNIST checks:
+defaults study (`docs/defaults.md`), the benchmark (`keras_bnp.benchmark`)
+and the tests' MNIST checks. Its command line sweeps BNP against SGD:
 
     python -m keras_bnp.experiment --batch-sizes 1 2 4 \
         --learning-rates 0.001 0.01 --out results.json
@@ -28,17 +29,68 @@ from keras_bnp import data
 from keras_bnp.model import BNPSequential
 from keras_bnp.optimizer import BNP
 
-METHODS = ("sgd", "bnp")
+# method: (optimizer family, normalization layer after each hidden layer)
+METHOD_SPECS = {
+    "sgd": ("sgd", None),
+    "bnp": ("bnp", None),
+    "batchnorm": ("sgd", "batch"),
+    "layernorm": ("sgd", "layer"),
+    "groupnorm": ("sgd", "group"),
+    "adam": ("adam", None),
+    "bnp_adam": ("bnp_adam", None),
+}
+METHODS = tuple(METHOD_SPECS)
+TASKS = ("mlp", "cnn")
 
 
-def build_mlp(hidden, seed):
-    """A ReLU MLP on flattened 28x28 images, with logits out."""
+def _normalization(kind):
+    return {
+        "batch": keras.layers.BatchNormalization,
+        "layer": keras.layers.LayerNormalization,
+        "group": lambda: keras.layers.GroupNormalization(groups=4),
+    }[kind]()
+
+
+def build_model(task, normalization=None, hidden=(128,), seed=0):
+    """A ReLU MLP (on flattened images) or a small CNN for 28x28 images,
+    with logits out and an optional normalization layer before every hidden
+    activation."""
     keras.utils.set_random_seed(seed)
-    return BNPSequential(
-        [keras.Input((784,))]
-        + [keras.layers.Dense(units, activation="relu") for units in hidden]
-        + [keras.layers.Dense(10)]
-    )
+    if task == "mlp":
+        layers = [keras.Input((784,))]
+        hidden_layers = [keras.layers.Dense(units) for units in hidden]
+    elif task == "cnn":
+        layers = [keras.Input((28, 28, 1))]
+        hidden_layers = [
+            keras.layers.Conv2D(16, 3),
+            keras.layers.Conv2D(32, 3, strides=2),
+            keras.layers.Conv2D(32, 3, strides=2),
+        ]
+    else:
+        raise ValueError(
+            f"Argument `task` must be one of {TASKS}. Received: task={task!r}"
+        )
+    for layer in hidden_layers:
+        layers.append(layer)
+        if normalization is not None:
+            layers.append(_normalization(normalization))
+        layers.append(keras.layers.ReLU())
+    if task == "cnn":
+        layers.append(keras.layers.Flatten())
+    return BNPSequential(layers + [keras.layers.Dense(10)])
+
+
+def _optimizer(family, learning_rate, momentum, bnp_settings):
+    if family in ("bnp", "bnp_adam"):
+        # `None` keeps BNP's own default.
+        settings = {k: v for k, v in bnp_settings.items() if v is not None}
+        if family == "bnp":
+            return BNP(learning_rate, momentum=momentum, **settings)
+        return BNP(inner_optimizer=keras.optimizers.Adam(learning_rate),
+                   **settings)
+    if family == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.SGD(learning_rate, momentum=momentum)
 
 
 def run(
@@ -46,6 +98,7 @@ def run(
     batch_size,
     learning_rate,
     *,
+    task="mlp",
     momentum=0.9,
     epsilon=None,
     statistics_momentum=None,
@@ -62,11 +115,19 @@ def run(
     by `seed`); the last `validation_size` training images are held out for
     model selection; the test split is only reported.
 
+    Args:
+        method: One of `METHODS`: `"sgd"`, `"bnp"` (BNP around SGD),
+            `"batchnorm"`, `"layernorm"`, `"groupnorm"` (SGD on the model
+            with those layers), `"adam"`, `"bnp_adam"` (BNP around Adam).
+        task: `"mlp"` or `"cnn"`.
+
     Returns:
         A dict of the arguments plus `train_loss` (cross-entropy on the
         training images after training), `validation_accuracy`,
         `test_accuracy`, `diverged` (non-finite, or training loss above the
-        `ln(10)` of a uniform guess) and `seconds` (training time).
+        `ln(10)` of a uniform guess), `seconds` (training time),
+        `loss_curve` and `validation_curve` (per epoch) and
+        `optimizer_state_floats` (the size of the optimizer's state).
     """
     if method not in METHODS:
         raise ValueError(
@@ -74,27 +135,24 @@ def run(
             f"Received: method={method!r}"
         )
     (x_train, y_train), (x_test, y_test) = data.load_mnist(source)
-    x_train = x_train.reshape(len(x_train), -1)
-    x_test = x_test.reshape(len(x_test), -1)
+    shape = (-1, 784) if task == "mlp" else (-1, 28, 28, 1)
+    x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
     x_val, y_val = x_train[-validation_size:], y_train[-validation_size:]
     order = np.random.default_rng(seed).permutation(
         len(x_train) - validation_size
     )[:train_size]
     x_fit, y_fit = x_train[order], y_train[order]
 
-    model = build_mlp(hidden, seed)
-    if method == "bnp":
-        # `None` keeps BNP's own default.
-        settings = {"epsilon": epsilon,
-                    "statistics_momentum": statistics_momentum}
-        optimizer = BNP(
-            learning_rate, momentum=momentum,
-            **{k: v for k, v in settings.items() if v is not None},
-        )
+    family, normalization = METHOD_SPECS[method]
+    model = build_model(task, normalization, hidden, seed)
+    optimizer = _optimizer(
+        family, learning_rate, momentum,
+        {"epsilon": epsilon, "statistics_momentum": statistics_momentum},
+    )
+    is_bnp = isinstance(optimizer, BNP)
+    if is_bnp:
         epsilon, statistics_momentum = (
             optimizer.epsilon, optimizer.statistics_momentum)
-    else:
-        optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -102,34 +160,35 @@ def run(
         steps_per_execution=max(1, 64 // batch_size),
     )
     start = time.perf_counter()
-    model.fit(
+    history = model.fit(
         x_fit, y_fit, batch_size=batch_size, epochs=epochs, verbose=0,
-        shuffle=False,
-    )
+        shuffle=False, validation_data=(x_val, y_val),
+        validation_batch_size=500,
+    ).history
     seconds = time.perf_counter() - start
     train_loss, _ = model.evaluate(x_fit, y_fit, batch_size=500, verbose=0)
-    _, validation_accuracy = model.evaluate(
-        x_val, y_val, batch_size=500, verbose=0
-    )
     _, test_accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     return {
         "method": method,
+        "task": task,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
-        "momentum": momentum,
-        "epsilon": epsilon if method == "bnp" else None,
-        "statistics_momentum": (
-            statistics_momentum if method == "bnp" else None
-        ),
+        "momentum": momentum if family in ("sgd", "bnp") else None,
+        "epsilon": epsilon if is_bnp else None,
+        "statistics_momentum": statistics_momentum if is_bnp else None,
         "hidden": list(hidden),
         "train_size": train_size,
         "epochs": epochs,
         "seed": seed,
         "train_loss": float(train_loss),
-        "validation_accuracy": float(validation_accuracy),
+        "validation_accuracy": float(history["val_accuracy"][-1]),
         "test_accuracy": float(test_accuracy),
         "diverged": bool(not train_loss < math.log(10.0)),
         "seconds": seconds,
+        "loss_curve": [float(v) for v in history["loss"]],
+        "validation_curve": [float(v) for v in history["val_accuracy"]],
+        "optimizer_state_floats": int(sum(
+            np.prod(v.shape) for v in model.optimizer.variables)),
     }
 
 
@@ -244,7 +303,8 @@ def main(argv=None):
         prog="python -m keras_bnp.experiment", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["sgd", "bnp"],
+                        choices=["sgd", "bnp"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument(
         "--learning-rates", nargs="+", type=float,

@@ -333,12 +333,16 @@ class BNP(keras.optimizers.Optimizer):
             )
         slots = [self._slots[_key(registry.spec(layer).kernel)]
                  for layer in layers]
+        shifts = [tf.convert_to_tensor(slot.moving_mean) for slot in slots]
         sums = _all_replica_sums([
-            self._input_sums(slot, layer, step_inputs[layer])
-            for slot, layer in zip(slots, layers)
+            self._input_sums(layer, step_inputs[layer], shift)
+            for layer, shift in zip(layers, shifts)
         ])
-        for slot, layer_sums in zip(slots, sums):
-            mean, variance = self._update_statistics(slot, *layer_sums)
+        skipped = []
+        for slot, shift, layer_sums in zip(slots, shifts, sums):
+            mean, variance, usable = self._update_statistics(
+                slot, shift, *layer_sums)
+            skipped.append(1.0 - tf.cast(usable, tf.float32))
             kernel_index = position.get(slot.kernel_key)
             if kernel_index is None or grads[kernel_index] is None:
                 continue
@@ -355,25 +359,28 @@ class BNP(keras.optimizers.Optimizer):
             grads[kernel_index] = grad_kernel
             if grad_bias is not None:
                 grads[bias_index] = grad_bias
+        if skipped:
+            self.assign_add(self._skipped_updates, tf.add_n(skipped))
         self.inner_optimizer.apply(grads, trainable_variables)
 
-    def _input_sums(self, slot, layer, inputs):
+    def _input_sums(self, layer, inputs, shift):
         """`(count, sum(x - shift), sum((x - shift)^2))` over all of this
-        step's calls of `layer`, shifted by the current running mean."""
+        step's calls of `layer`; `shift` is the current running mean."""
         channel_axis = registry.spec(layer).channel_axis
-        shift = tf.convert_to_tensor(slot.moving_mean)
         per_call = [
             statistics.input_sums(x, channel_axis, shift) for x in inputs
         ]
         return [tf.add_n(list(parts)) for parts in zip(*per_call)]
 
-    def _update_statistics(self, slot, count, centred_sum, centred_square_sum):
-        """Folds this step's sums into the slot; returns the new statistics.
+    def _update_statistics(
+        self, slot, shift, count, centred_sum, centred_square_sum
+    ):
+        """Folds this step's sums into the slot; returns the new mean and
+        variance, and whether the batch was usable.
 
         A batch with a non-finite value (or no values) leaves the statistics
-        as they were, and counts in `skipped_statistics_updates`.
+        as they were (`apply` counts it in `skipped_statistics_updates`).
         """
-        shift = tf.convert_to_tensor(slot.moving_mean)
         mean, variance = statistics.moments_from_sums(
             count, centred_sum, centred_square_sum, shift
         )
@@ -397,10 +404,7 @@ class BNP(keras.optimizers.Optimizer):
         self.assign(
             slot.moving_count, tf.where(usable, new_count, slot.moving_count)
         )
-        self.assign_add(
-            self._skipped_updates, 1.0 - tf.cast(usable, tf.float32)
-        )
-        return new_mean, new_variance
+        return new_mean, new_variance, usable
 
     def layer_statistics(self, layer):
         """Current running `(mean, variance)` of `layer`'s input, as NumPy

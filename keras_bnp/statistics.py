@@ -27,9 +27,14 @@ def input_sums(inputs, channel_axis, shift):
     broadcast[channel_axis] = -1
     centred = inputs - tf.reshape(shift, broadcast)
     axes = [axis for axis in range(rank) if axis != channel_axis]
-    count = tf.cast(tf.size(inputs), tf.float32) / tf.cast(
-        tf.shape(inputs)[channel_axis], tf.float32
-    )
+    if inputs.shape.is_fully_defined():  # a constant: no ops in the step
+        count = tf.constant(
+            inputs.shape.num_elements() / inputs.shape[channel_axis],
+            tf.float32)
+    else:
+        count = tf.cast(tf.size(inputs), tf.float32) / tf.cast(
+            tf.shape(inputs)[channel_axis], tf.float32
+        )
     return (
         count,
         tf.reduce_sum(centred, axis=axes),

@@ -1,0 +1,358 @@
+"""Benchmark BNP against SGD, BatchNorm, LayerNorm, GroupNorm and Adam.
+
+    python -m keras_bnp.benchmark                # default: MLP, ~10 min, 2 CPUs
+    python -m keras_bnp.benchmark --full         # MLP and CNN, longer runs
+    python -m keras_bnp.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp sgd
+
+Trains every method at every batch size over a learning-rate grid and
+several seeds (`keras_bnp.experiment.run`), picks each method's learning
+rate by validation accuracy (never the test set), and measures per-step
+training time (interleaved, as a ratio to SGD), inference time and optimizer
+state size. Writes to `--out-dir`: `results.json` (every run; an existing
+file is resumed, so a sweep can be split or interrupted), `timing.json`,
+`report.md` and PNG plots.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_bnp import experiment
+
+SGD_RATES = (0.003, 0.01, 0.03)
+ADAM_RATES = (0.0003, 0.001, 0.003)
+DEFAULTS = {
+    "tasks": ["mlp"],
+    "batch_sizes": [1, 2, 4, 16, 64, 256],
+    "seeds": [0, 1, 2],
+    "train_size": 2000,
+    "epochs": 2,
+}
+FULL = {
+    "tasks": ["mlp", "cnn"],
+    "batch_sizes": [1, 2, 4, 16, 64, 256],
+    "seeds": [0, 1, 2, 3, 4],
+    "train_size": 7000,
+    "epochs": 3,
+}
+
+
+def learning_rates(method):
+    return ADAM_RATES if "adam" in method else SGD_RATES
+
+
+def _key(result):
+    return (result["task"], result["method"], result["batch_size"],
+            result["learning_rate"], result["seed"])
+
+
+def sweep(config, results, save, log=print):
+    """Runs every missing configuration; `save(results)` after each."""
+    done = {_key(r) for r in results}
+    todo = [
+        (task, method, batch_size, lr, seed)
+        for task in config["tasks"]
+        for batch_size in config["batch_sizes"]
+        for method in config["methods"]
+        for lr in learning_rates(method)
+        for seed in config["seeds"]
+        if (task, method, batch_size, lr, seed) not in done
+    ]
+    for i, (task, method, batch_size, lr, seed) in enumerate(todo, 1):
+        result = experiment.run(
+            method, batch_size, lr, task=task, seed=seed,
+            train_size=config["train_size"], epochs=config["epochs"],
+            source=config["source"],
+        )
+        results.append(result)
+        save(results)
+        log(f"[{i}/{len(todo)}] {task} {method} bs={batch_size} lr={lr:g} "
+            f"seed={seed}: test {result['test_accuracy']:.4f} "
+            f"({result['seconds']:.1f}s)")
+    return results
+
+
+def _seconds_per_step(run, short=10, long=60, repeats=3):
+    """Seconds per step of `run(steps)`: the difference of the fastest of
+    `repeats` long and short calls, which cancels each call's fixed cost."""
+    def fastest(steps):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(steps)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return (fastest(long) - fastest(short)) / (long - short)
+
+
+def _step_loops(model, x, y, jit_compile):
+    """Compiled loops of `steps` training steps (the model's own
+    `train_step`, as `fit` runs it) and of `steps` inference calls on one
+    fixed batch: no input pipeline, only the work of the step."""
+    x, y = tf.constant(x), tf.constant(y)
+
+    @tf.function(jit_compile=jit_compile)
+    def train(steps):
+        for _ in tf.range(steps):
+            model.train_step((x, y))
+
+    @tf.function(jit_compile=jit_compile)
+    def infer(steps):
+        total = tf.constant(0.0)
+        for _ in tf.range(steps):
+            total += tf.reduce_sum(model(x, training=False))
+        return total
+
+    return (lambda steps: train(tf.constant(steps)),
+            lambda steps: infer(tf.constant(steps)).numpy())
+
+
+def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False):
+    """Per-step training and inference seconds per method, measured in
+    rounds that interleave the methods (in a rotating order), so that load
+    on a shared machine hits every method alike. Returns medians."""
+    rng = np.random.default_rng(seed)
+    shape = (784,) if task == "mlp" else (28, 28, 1)
+    x = rng.uniform(size=(batch_size, *shape)).astype("float32")
+    y = rng.integers(0, 10, size=batch_size)
+    loops = {}
+    for method in methods:
+        family, normalization = experiment.METHOD_SPECS[method]
+        model = experiment.build_model(task, normalization, seed=seed)
+        model.compile(
+            optimizer=experiment._optimizer(
+                family, 1e-3, 0.9,
+                {"epsilon": None, "statistics_momentum": None}),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=batch_size, verbose=0)  # builds all state
+        loops[method] = _step_loops(model, x, y, jit_compile)
+        for loop in loops[method]:
+            loop(2)  # trace
+    samples = {m: {"train": [], "inference": []} for m in methods}
+    for r in range(rounds):
+        for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+            train, infer = loops[method]
+            samples[method]["train"].append(_seconds_per_step(train))
+            samples[method]["inference"].append(_seconds_per_step(infer))
+    return {
+        method: {kind: float(np.median(v)) for kind, v in s.items()}
+        for method, s in samples.items()
+    }
+
+
+def _tuned(results, task, method, batch_size):
+    """The runs of the learning rate with the best mean validation
+    accuracy, or [] if there are none."""
+    by_lr = {}
+    for r in results:
+        if (r["task"], r["method"], r["batch_size"]) == (
+                task, method, batch_size):
+            by_lr.setdefault(r["learning_rate"], []).append(r)
+    if not by_lr:
+        return []
+    return max(by_lr.values(), key=lambda runs: np.mean(
+        [r["validation_accuracy"] for r in runs]))
+
+
+def _epochs_to(runs, target):
+    epochs = [next((i + 1 for i, a in enumerate(r["validation_curve"])
+                    if a >= target), None) for r in runs]
+    reached = [e for e in epochs if e is not None]
+    if not reached:
+        return "—"
+    return f"{np.mean(reached):.1f} ({len(reached)}/{len(epochs)})"
+
+
+def report(config, results, timings, target, command):
+    """The Markdown report."""
+    methods = config["methods"]
+    lines = [
+        "# keras_bnp benchmark",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{platform.system()}; TensorFlow {tf.__version__}, Keras "
+        f"{keras.__version__}; {time.strftime('%Y-%m-%d')}.  ",
+        f"Data: MNIST ({config['source']}), {config['train_size']} training "
+        f"images, {config['epochs']} epochs; learning rate per method and "
+        "batch size chosen on 1000 held-out training images from "
+        f"{list(SGD_RATES)} (SGD-based) or {list(ADAM_RATES)} (Adam-based); "
+        f"seeds {config['seeds']}; mean ± standard deviation over seeds.",
+        "",
+    ]
+    for task in config["tasks"]:
+        header = "| method | " + " | ".join(
+            f"bs {b}" for b in config["batch_sizes"]) + " |"
+        rule = "|---" * (len(config["batch_sizes"]) + 1) + "|"
+        accuracy, epochs = [header, rule], [header, rule]
+        for method in methods:
+            cells, epoch_cells = [], []
+            for batch_size in config["batch_sizes"]:
+                runs = _tuned(results, task, method, batch_size)
+                values = [r["test_accuracy"] for r in runs]
+                cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+                             if runs else "—")
+                epoch_cells.append(_epochs_to(runs, target) if runs else "—")
+            accuracy.append(f"| {method} | " + " | ".join(cells) + " |")
+            epochs.append(f"| {method} | " + " | ".join(epoch_cells) + " |")
+        lines += [
+            f"## {task.upper()}: test accuracy at the tuned learning rate",
+            "", *accuracy, "",
+            f"![accuracy vs batch size]({task}_accuracy.png)", "",
+            f"## {task.upper()}: epochs to {target:.0%} validation accuracy",
+            "", "Mean over the seeds that reached it (how many did).", "",
+            *epochs, "",
+            f"![training loss]({task}_loss.png)", "",
+        ]
+    for task, per_batch in timings.items():
+        for batch_size, times in per_batch.items():
+            base = times["sgd"]
+            lines += [
+                f"## {task.upper()}: cost per step, batch size {batch_size}",
+                "",
+                "Interleaved medians in one process. Inference is compared "
+                "with the plain model of the same architecture (`sgd`).", "",
+                "| method | train ms/step | vs SGD | inference ms/batch "
+                "| vs plain | optimizer state (floats) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for method in methods:
+                state = [r["optimizer_state_floats"] for r in results
+                         if r["task"] == task and r["method"] == method]
+                t = times[method]
+                lines.append(
+                    f"| {method} | {1e3 * t['train']:.3f} | "
+                    f"{t['train'] / base['train']:.2f}x | "
+                    f"{1e3 * t['inference']:.3f} | "
+                    f"{t['inference'] / base['inference']:.2f}x | "
+                    f"{state[0] if state else '—'} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plots(config, results, out_dir):
+    """accuracy-vs-batch-size and loss-curve PNGs per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task in config["tasks"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in config["methods"]:
+            sizes, means, stds = [], [], []
+            for batch_size in config["batch_sizes"]:
+                runs = _tuned(results, task, method, batch_size)
+                if runs:
+                    values = [r["test_accuracy"] for r in runs]
+                    sizes.append(batch_size)
+                    means.append(np.mean(values))
+                    stds.append(np.std(values))
+            ax.errorbar(sizes, means, yerr=stds, marker="o", label=method,
+                        capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("test accuracy (tuned learning rate)")
+        ax.set_title(f"MNIST {task.upper()}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{task}_accuracy.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+        batch_size = min(config["batch_sizes"], key=lambda b: abs(b - 4))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in config["methods"]:
+            runs = _tuned(results, task, method, batch_size)
+            if runs:
+                curve = np.mean([r["loss_curve"] for r in runs], axis=0)
+                ax.plot(range(1, len(curve) + 1), curve, marker="o",
+                        label=method)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean training loss in the epoch")
+        ax.set_yscale("log")
+        ax.set_title(f"MNIST {task.upper()}, batch size {batch_size}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{task}_loss.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_bnp.benchmark", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true",
+                        help="MLP and CNN, 7000 images, 3 epochs, 5 seeds")
+    parser.add_argument("--tasks", nargs="+", choices=experiment.TASKS)
+    parser.add_argument("--methods", nargs="+", choices=experiment.METHODS,
+                        default=list(experiment.METHODS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int)
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--train-size", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--data", dest="source", choices=["bundled", "tfds"],
+                        default="bundled",
+                        help="bundled sample (offline) or full MNIST via tfds")
+    parser.add_argument("--target", type=float, default=0.85,
+                        help="validation accuracy for 'epochs to target'")
+    parser.add_argument("--timing-batch-sizes", nargs="*", type=int,
+                        default=[128], help="batch sizes of the cost table")
+    parser.add_argument("--timing-rounds", type=int, default=5)
+    parser.add_argument("--out-dir", default="benchmark_out")
+    args = parser.parse_args(argv)
+
+    config = dict(FULL if args.full else DEFAULTS)
+    for name in ("tasks", "batch_sizes", "seeds", "train_size", "epochs"):
+        if getattr(args, name) is not None:
+            config[name] = getattr(args, name)
+    config["methods"] = list(args.methods)
+    if "sgd" not in config["methods"]:
+        config["methods"].insert(0, "sgd")  # the reference of every ratio
+    config["source"] = args.source
+    os.makedirs(args.out_dir, exist_ok=True)
+    results_path = os.path.join(args.out_dir, "results.json")
+    results = []
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+
+    def save(values):
+        with open(results_path, "w") as f:
+            json.dump(values, f, indent=1)
+
+    sweep(config, results, save)
+    timings = {
+        task: {
+            batch_size: timing(task, batch_size, config["methods"],
+                               rounds=args.timing_rounds)
+            for batch_size in args.timing_batch_sizes
+        }
+        for task in config["tasks"]
+    }
+    with open(os.path.join(args.out_dir, "timing.json"), "w") as f:
+        json.dump(timings, f, indent=1)
+    command = "python -m keras_bnp.benchmark " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    text = report(config, results, timings, args.target, command.strip())
+    with open(os.path.join(args.out_dir, "report.md"), "w") as f:
+        f.write(text + "\n")
+    plots(config, results, args.out_dir)
+    print(f"Wrote {args.out_dir}/report.md, results.json, timing.json and "
+          "plots.")
+
+
+if __name__ == "__main__":
+    main()

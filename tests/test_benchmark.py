@@ -1,0 +1,51 @@
+"""`python -m keras_bnp.benchmark` in a tiny configuration."""
+
+import json
+import os
+import subprocess
+import sys
+
+COMMAND = [
+    sys.executable, "-m", "keras_bnp.benchmark", "--methods", "bnp",
+    "batchnorm", "--batch-sizes", "4", "32", "--seeds", "0",
+    "--train-size", "200", "--epochs", "2", "--timing-rounds", "1",
+    "--timing-batch-sizes", "16",
+]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
+    out = tmp_path / "bench"
+    run = subprocess.run(COMMAND + ["--out-dir", str(out)], check=True,
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    # sgd is added as the reference: 3 methods x 2 batch sizes x 3 rates.
+    assert run.stdout.count("[") == 18
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 18
+    assert {r["method"] for r in results} == {"sgd", "bnp", "batchnorm"}
+    assert all(len(r["loss_curve"]) == 2 for r in results)
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing["mlp"]["16"]) == {"sgd", "bnp", "batchnorm"}
+    assert all(v["train"] > 0 for v in timing["mlp"]["16"].values())
+    report = (out / "report.md").read_text()
+    assert "## MLP: test accuracy at the tuned learning rate" in report
+    assert "| method | bs 4 | bs 32 |" in report
+    for method in ("sgd", "bnp", "batchnorm"):
+        assert f"| {method} | 0." in report
+    assert "| bnp |" in report.split("cost per step, batch size 16")[1]
+    assert "--train-size 200" in report
+    for name in ("mlp_accuracy.png", "mlp_loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second call resumes: nothing left to train.
+    again = subprocess.run(COMMAND + ["--out-dir", str(out)], check=True,
+                           capture_output=True, text=True, env=ENV,
+                           timeout=600)
+    assert "[1/" not in again.stdout
+    assert len(json.loads((out / "results.json").read_text())) == 18
+
+
+def test_help():
+    out = subprocess.run([sys.executable, "-m", "keras_bnp.benchmark",
+                          "--help"], check=True, capture_output=True,
+                         text=True, env=ENV, timeout=120).stdout
+    assert "--full" in out and "--data" in out
