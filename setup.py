@@ -21,7 +21,15 @@ setup(
     ],
     extras_require={
         "data": ["tensorflow-datasets"],
-        "test": ["pytest", "hypothesis", "tensorboard", "matplotlib"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "tensorboard",
+            "matplotlib",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
         "benchmark": ["matplotlib"],
     },
 )
