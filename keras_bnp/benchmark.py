@@ -2,7 +2,7 @@
 
     python -m keras_bnp.benchmark                # default: MLP, ~10 min, 2 CPUs
     python -m keras_bnp.benchmark --full         # MLP and CNN, longer runs
-    python -m keras_bnp.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp sgd
+    python -m keras_bnp.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp
 
 Trains every method at every batch size over a learning-rate grid and
 several seeds (`keras_bnp.experiment.run`), picks each method's learning
@@ -261,14 +261,10 @@ def plots(config, results, out_dir):
             ax.errorbar(sizes, means, yerr=stds, marker="o", label=method,
                         capsize=3)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("test accuracy (tuned learning rate)")
-        ax.set_title(f"MNIST {task.upper()}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"{task}_accuracy.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(_save(
+            fig, ax, os.path.join(out_dir, f"{task}_accuracy.png"),
+            "batch size", "test accuracy (tuned learning rate)",
+            f"MNIST {task.upper()}"))
 
         batch_size = min(config["batch_sizes"], key=lambda b: abs(b - 4))
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -278,16 +274,25 @@ def plots(config, results, out_dir):
                 curve = np.mean([r["loss_curve"] for r in runs], axis=0)
                 ax.plot(range(1, len(curve) + 1), curve, marker="o",
                         label=method)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("mean training loss in the epoch")
         ax.set_yscale("log")
-        ax.set_title(f"MNIST {task.upper()}, batch size {batch_size}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"{task}_loss.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(_save(
+            fig, ax, os.path.join(out_dir, f"{task}_loss.png"), "epoch",
+            "mean training loss in the epoch",
+            f"MNIST {task.upper()}, batch size {batch_size}"))
     return paths
+
+
+def _save(fig, ax, path, xlabel, ylabel, title):
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):

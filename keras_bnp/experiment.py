@@ -318,7 +318,8 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--source", choices=["bundled", "tfds"], default="bundled")
+    parser.add_argument("--source", choices=["bundled", "tfds"],
+                        default="bundled")
     parser.add_argument("--out", required=True, help="JSON file of results")
     parser.add_argument("--report", action="store_true",
                         help="print Markdown tables of --out and exit")

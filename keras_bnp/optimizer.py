@@ -581,13 +581,16 @@ def _as_float(name, value):
 def _inner_optimizer(inner_optimizer, learning_rate, momentum, nesterov):
     """The optimizer BNP hands its gradients to."""
     if inner_optimizer is None:
-        if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule) and not callable(learning_rate):
-            learning_rate = _as_float(
-                "learning_rate", 0.01 if learning_rate is None else learning_rate
-            )
+        schedule = keras.optimizers.schedules.LearningRateSchedule
+        if learning_rate is None:
+            learning_rate = 0.01
+        elif not (isinstance(learning_rate, schedule)
+                  or callable(learning_rate)):
+            learning_rate = _as_float("learning_rate", learning_rate)
         return keras.optimizers.SGD(
             learning_rate=learning_rate,
-            momentum=_as_float("momentum", 0.9 if momentum is None else momentum),
+            momentum=_as_float("momentum", 0.9 if momentum is None
+                               else momentum),
             nesterov=bool(nesterov),
         )
     given = {

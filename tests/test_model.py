@@ -161,7 +161,8 @@ def test_evaluate_and_predict_are_untouched():
     plain.set_weights(bnp_model.get_weights())
     plain.compile(optimizer="sgd", loss=logits_loss(), metrics=["accuracy"])
     before = [v.numpy() for v in bnp_model.optimizer.variables]
-    assert_allclose(bnp_model.predict(X, verbose=0), plain.predict(X, verbose=0))
+    assert_allclose(bnp_model.predict(X, verbose=0),
+                    plain.predict(X, verbose=0))
     assert_allclose(bnp_model.evaluate(X, Y, verbose=0),
                     plain.evaluate(X, Y, verbose=0))
     for old, variable in zip(before, bnp_model.optimizer.variables):

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom in fast mode (KERAS_BNP_FAST=1)."""
 
-import os
 import pathlib
 
 import nbformat

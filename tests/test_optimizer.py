@@ -66,7 +66,7 @@ def test_many_steps_match_numpy_reference(name):
     stats = _reference.RawMomentStatistics(channels, beta)
     sgd = _reference.SGDMomentum(learning_rate, momentum)
     weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
-    for step in range(40):
+    for _ in range(40):
         batch = int(rng.integers(1, 4))
         x = shifted_inputs(rng, (batch, *input_shape), channel_axis)
         out_shape = model.compute_output_shape((batch, *input_shape))

@@ -36,6 +36,15 @@ def _compiled(kind, jit_compile=False):
     return model
 
 
+def _prepared(kind):
+    """A compiled model whose optimizer and statistics exist before any
+    step, as a custom loop or a restore needs them."""
+    model = _compiled(kind)
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.track(model)
+    return model
+
+
 def _straight(kind, epochs=2):
     model = _compiled(kind)
     model.fit(X, Y, epochs=epochs, **FIT)
@@ -104,9 +113,7 @@ def test_tf_train_checkpoint_carries_the_statistics(tmp_path):
     model.fit(X, Y, epochs=1, **FIT)
     path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
         str(tmp_path / "ckpt"))
-    restored = _compiled("sequential")
-    restored.optimizer.build(restored.trainable_variables)
-    restored.optimizer.track(restored)
+    restored = _prepared("sequential")
     tf.train.Checkpoint(
         model=restored, optimizer=restored.optimizer
     ).restore(path).assert_consumed()
@@ -158,18 +165,14 @@ def test_optimizer_weights_api_includes_inner_state():
     assert any(n.endswith("a_moving_mean") for n in names)
     assert any("momentum" in n for n in names)  # the inner SGD's slots
     values = [v.numpy() for v in bnp.variables]
-    other = _compiled("sequential")
-    other.optimizer.build(other.trainable_variables)
-    other.optimizer.track(other)
+    other = _prepared("sequential")
     other.optimizer.set_weights(values)
     for variable, value in zip(other.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
     store = {}
     bnp.save_own_variables(store)
     assert len(store) == len(values)
-    third = _compiled("sequential")
-    third.optimizer.build(third.trainable_variables)
-    third.optimizer.track(third)
+    third = _prepared("sequential")
     third.optimizer.load_own_variables(store)
     for variable, value in zip(third.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
