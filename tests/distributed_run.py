@@ -82,6 +82,18 @@ def main():
                 loaded = keras.models.load_model(
                     os.path.join(OUT, "mirrored.keras"))
                 np.savez(os.path.join(OUT, "reloaded.npz"), **state(loaded))
+                path = tf.train.Checkpoint(
+                    model=model, optimizer=model.optimizer
+                ).save(os.path.join(OUT, "ckpt"))
+                restored = build(strategy, 0.05)
+                with strategy.scope():
+                    restored.optimizer.build(restored.trainable_variables)
+                    restored.optimizer.track(restored)
+                tf.train.Checkpoint(
+                    model=restored, optimizer=restored.optimizer
+                ).restore(path).assert_consumed()
+                np.savez(os.path.join(OUT, "checkpoint.npz"),
+                         **state(restored))
             # Statistics only (learning rate 0), 43 examples: the last global
             # batch of 3 splits unevenly between the replicas.
             x, y = data(43)

@@ -31,7 +31,7 @@ def mirrored(tmp_path_factory):
     subprocess.run([sys.executable, str(SCRIPT), "mirrored", str(out)],
                    check=True, env=ENV, timeout=300)
     return {name: _load(out / f"{name}.npz") for name in
-            ("single", "mirrored", "reloaded", "single_uneven",
+            ("single", "mirrored", "reloaded", "checkpoint", "single_uneven",
              "mirrored_uneven")}
 
 
@@ -77,9 +77,16 @@ def test_uneven_last_batch_is_weighted_by_example_counts(mirrored):
 
 
 def test_saved_under_mirrored_reloads_the_statistics(mirrored):
-    run, reloaded = mirrored["mirrored"], mirrored["reloaded"]
+    # A .keras file (loaded without a strategy), and a tf.train.Checkpoint
+    # restored into a new model under the strategy, on both replicas.
+    run = mirrored["mirrored"]
     for name, value in _statistics(run, 0).items():
-        assert_allclose(_statistics(reloaded, 0)[name], value, atol=0, rtol=0)
+        assert_allclose(_statistics(mirrored["reloaded"], 0)[name], value,
+                        atol=0, rtol=0)
+        for replica in (0, 1):
+            assert_allclose(_statistics(mirrored["checkpoint"], replica)[name],
+                            value, atol=0, rtol=0)
+    assert mirrored["checkpoint"]["iterations"] == 12
 
 
 def _free_ports(n):
