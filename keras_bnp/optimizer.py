@@ -338,35 +338,37 @@ class BNP(keras.optimizers.Optimizer):
             self._input_sums(layer, step_inputs[layer], shift)
             for layer, shift in zip(layers, shifts)
         ])
-        skipped = []
-        for slot, shift, layer_sums in zip(slots, shifts, sums):
-            kernel_index = position.get(slot.kernel_key)
-            bias_index = position.get(slot.bias_key)
-            grad_kernel = None if kernel_index is None else grads[kernel_index]
-            grad_bias = None if bias_index is None else grads[bias_index]
-            mean, variance, count, usable, grad_kernel, grad_bias = (
-                _fused_layer_update(
-                    shift,
-                    tf.convert_to_tensor(slot.moving_variance),
-                    tf.convert_to_tensor(slot.moving_count),
-                    *layer_sums,
-                    grad_kernel,
-                    grad_bias,
-                    momentum=self.statistics_momentum,
-                    epsilon=self.epsilon,
-                    groups=slot.groups,
-                )
-            )
+        if not slots:
+            self.inner_optimizer.apply(grads, trainable_variables)
+            return
+        kernel_indices = [position.get(s.kernel_key) for s in slots]
+        bias_indices = [position.get(s.bias_key) for s in slots]
+        states = [
+            (shift, tf.convert_to_tensor(slot.moving_variance),
+             tf.convert_to_tensor(slot.moving_count))
+            for slot, shift in zip(slots, shifts)
+        ]
+        layer_grads = [
+            tuple(None if i is None else grads[i] for i in pair)
+            for pair in zip(kernel_indices, bias_indices)
+        ]
+        updates, skipped = _fused_update(
+            states, sums, layer_grads,
+            momentum=self.statistics_momentum, epsilon=self.epsilon,
+            groups=tuple(slot.groups for slot in slots),
+        )
+        for slot, update, kernel_index, bias_index in zip(
+            slots, updates, kernel_indices, bias_indices
+        ):
+            mean, variance, count, grad_kernel, grad_bias = update
             self.assign(slot.moving_mean, mean)
             self.assign(slot.moving_variance, variance)
             self.assign(slot.moving_count, count)
-            skipped.append(1.0 - tf.cast(usable, tf.float32))
             if grad_kernel is not None:
                 grads[kernel_index] = grad_kernel
             if grad_bias is not None:
                 grads[bias_index] = grad_bias
-        if skipped:
-            self.assign_add(self._skipped_updates, tf.add_n(skipped))
+        self.assign_add(self._skipped_updates, skipped)
         self.inner_optimizer.apply(grads, trainable_variables)
 
     def _input_sums(self, layer, inputs, shift):
@@ -547,9 +549,27 @@ def _layer_update(
     return new_mean, new_variance, new_count, usable, grad_kernel, grad_bias
 
 
-# XLA fuses the ~50 small ops of each layer's update into one kernel, also
-# when the training step itself is not jit-compiled (the default on CPU).
-_fused_layer_update = tf.function(_layer_update, jit_compile=True)
+def _update_all(states, sums, layer_grads, *, momentum, epsilon, groups):
+    """`_layer_update` for every tracked layer; returns per layer
+    `(mean, variance, count, grad_kernel, grad_bias)`, and the number of
+    layers whose batch was skipped."""
+    updates, skipped = [], []
+    for state, layer_sums, (grad_kernel, grad_bias), layer_groups in zip(
+        states, sums, layer_grads, groups
+    ):
+        mean, variance, count, usable, grad_kernel, grad_bias = _layer_update(
+            *state, *layer_sums, grad_kernel, grad_bias, momentum=momentum,
+            epsilon=epsilon, groups=layer_groups,
+        )
+        updates.append((mean, variance, count, grad_kernel, grad_bias))
+        skipped.append(1.0 - tf.cast(usable, tf.float32))
+    return updates, tf.add_n(skipped)
+
+
+# XLA fuses the step's BNP work (about 50 small ops per layer) into one
+# compiled call, also when the training step itself is not jit-compiled (the
+# default on CPU): far fewer op launches per step.
+_fused_update = tf.function(_update_all, jit_compile=True)
 
 
 def _all_replica_sums(sums):
