@@ -37,7 +37,7 @@ _MISSING_CAPTURE = (
 def _key(variable):
     """Identifies a model variable. Not `Optimizer._var_key`, which reads
     the variable's value and so fails inside a mixed-precision layer call,
-    where `_track` can run."""
+    where `_track_layers` can run."""
     return id(variable)
 
 
@@ -313,24 +313,33 @@ class BNP(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
-        grads = list(grads)
-        position = {
-            _key(v): i for i, v in enumerate(trainable_variables)
-        }
-        layers = []
+        grads = self._precondition(
+            list(grads), trainable_variables, step_inputs
+        )
+        self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _called(self, step_inputs):
+        """The captured layers that were called; warns about the others."""
         for layer, inputs in step_inputs.items():
-            if inputs:
-                layers.append(layer)
-                continue
-            warnings.warn(
-                f"Layer '{layer.name}' ({type(layer).__name__}) was not "
-                "called in this training step, so BNP has no statistics "
-                "of its input and leaves its gradients unpreconditioned. "
-                "This happens when a model uses a layer's weights without "
-                "calling the layer; call the layer, or set "
-                "`layer.trainable = False` if it is not trained.",
-                stacklevel=2,
-            )
+            if not inputs:
+                warnings.warn(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) was not "
+                    "called in this training step, so BNP has no statistics "
+                    "of its input and leaves its gradients unpreconditioned. "
+                    "This happens when a model uses a layer's weights "
+                    "without calling the layer; call the layer, or set "
+                    "`layer.trainable = False` if it is not trained.",
+                    stacklevel=3,
+                )
+        return [layer for layer, inputs in step_inputs.items() if inputs]
+
+    def _precondition(self, grads, trainable_variables, step_inputs):
+        """Updates the statistics of the called layers with this step's
+        inputs; returns `grads` with their kernel and bias gradients
+        preconditioned."""
+        layers = self._called(step_inputs)
+        if not layers:
+            return grads
         slots = [self._slots[_key(registry.spec(layer).kernel)]
                  for layer in layers]
         shifts = [tf.convert_to_tensor(slot.moving_mean) for slot in slots]
@@ -338,38 +347,30 @@ class BNP(keras.optimizers.Optimizer):
             self._input_sums(layer, step_inputs[layer], shift)
             for layer, shift in zip(layers, shifts)
         ])
-        if not slots:
-            self.inner_optimizer.apply(grads, trainable_variables)
-            return
-        kernel_indices = [position.get(s.kernel_key) for s in slots]
-        bias_indices = [position.get(s.bias_key) for s in slots]
-        states = [
-            (shift, tf.convert_to_tensor(slot.moving_variance),
-             tf.convert_to_tensor(slot.moving_count))
-            for slot, shift in zip(slots, shifts)
-        ]
-        layer_grads = [
-            tuple(None if i is None else grads[i] for i in pair)
-            for pair in zip(kernel_indices, bias_indices)
-        ]
+        position = {_key(v): i for i, v in enumerate(trainable_variables)}
+        indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
+                   for slot in slots]
         updates, skipped = _fused_update(
-            states, sums, layer_grads,
-            momentum=self.statistics_momentum, epsilon=self.epsilon,
+            [(shift, tf.convert_to_tensor(slot.moving_variance),
+              tf.convert_to_tensor(slot.moving_count))
+             for slot, shift in zip(slots, shifts)],
+            sums,
+            [tuple(None if i is None else grads[i] for i in pair)
+             for pair in indices],
+            momentum=self.statistics_momentum,
+            epsilon=self.epsilon,
             groups=tuple(slot.groups for slot in slots),
         )
-        for slot, update, kernel_index, bias_index in zip(
-            slots, updates, kernel_indices, bias_indices
-        ):
-            mean, variance, count, grad_kernel, grad_bias = update
+        for slot, update, pair in zip(slots, updates, indices):
+            mean, variance, count, *new_grads = update
             self.assign(slot.moving_mean, mean)
             self.assign(slot.moving_variance, variance)
             self.assign(slot.moving_count, count)
-            if grad_kernel is not None:
-                grads[kernel_index] = grad_kernel
-            if grad_bias is not None:
-                grads[bias_index] = grad_bias
+            for index, grad in zip(pair, new_grads):
+                if grad is not None:
+                    grads[index] = grad
         self.assign_add(self._skipped_updates, skipped)
-        self.inner_optimizer.apply(grads, trainable_variables)
+        return grads
 
     def _input_sums(self, layer, inputs, shift):
         """`(count, sum(x - shift), sum((x - shift)^2))` over all of this
