@@ -315,6 +315,8 @@ def main(argv=None):
                         help="validation accuracy for 'epochs to target'")
     parser.add_argument("--timing-batch-sizes", nargs="*", type=int,
                         default=[128], help="batch sizes of the cost table")
+    parser.add_argument("--timing-tasks", nargs="+", choices=experiment.TASKS,
+                        help="tasks of the cost table (default: --tasks)")
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--out-dir", default="benchmark_out")
     args = parser.parse_args(argv)
@@ -345,7 +347,7 @@ def main(argv=None):
                                rounds=args.timing_rounds)
             for batch_size in args.timing_batch_sizes
         }
-        for task in config["tasks"]
+        for task in args.timing_tasks or config["tasks"]
     }
     with open(os.path.join(args.out_dir, "timing.json"), "w") as f:
         json.dump(timings, f, indent=1)
