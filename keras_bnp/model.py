@@ -12,12 +12,16 @@ _FIT_CALLBACKS_POSITION = 5
 class BNPMixin:
     """Lets a Keras model train with the `BNP` optimizer.
 
-    Put it first among the bases: `class Net(BNPMixin, keras.Model)`. It
-    overrides only `train_step`, and only to record the inputs of the
-    model's Dense/Conv layers during the forward pass; loss, metrics and the
-    optimizer call are Keras' own `train_step`. `evaluate` and `predict` are
-    untouched. With an optimizer other than `BNP` the model trains exactly
-    as without the mixin.
+    Put it first among the bases: `class Net(BNPMixin, keras.Model)`. The
+    training step is `train_step`, overridden only to record the inputs of
+    the model's Dense/Conv layers during the forward pass; loss, metrics and
+    the optimizer call are Keras' own `train_step`. Besides, it creates
+    BNP's state before it is needed (`make_train_function`,
+    `compile_from_config` and `load_weights`, so that training under a
+    distribution strategy and every kind of restore find it), and `fit`
+    adds a callback that warns about NaN/Inf inputs. It never overrides
+    `compile`. `evaluate` and `predict` are untouched. With an optimizer
+    other than `BNP` the model trains exactly as without the mixin.
 
     Do not subclass a class that was also used as `BNPModel(inputs,
     outputs)`: Keras rewrites the bases of such a class to `Functional`.
