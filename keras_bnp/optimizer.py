@@ -465,6 +465,11 @@ class BNP(keras.optimizers.Optimizer):
         own = [v for v in self._variables if id(v) not in tracked]
         return own + statistics_variables + self.inner_optimizer.variables
 
+    def get_weights(self):
+        """The values of all variables (own, statistics, inner optimizer's),
+        as NumPy arrays in the order of `variables`."""
+        return [variable.numpy() for variable in self.variables]
+
     def set_weights(self, weights):
         """Sets all variables, in the order of `variables`."""
         variables = self.variables

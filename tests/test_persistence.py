@@ -164,7 +164,10 @@ def test_optimizer_weights_api_includes_inner_state():
     names = [v.path for v in bnp.variables]
     assert any(n.endswith("a_moving_mean") for n in names)
     assert any("momentum" in n for n in names)  # the inner SGD's slots
-    values = [v.numpy() for v in bnp.variables]
+    values = bnp.get_weights()
+    assert len(values) == len(names) and len(values) > 10
+    for value, variable in zip(values, bnp.variables):
+        assert_allclose(value, variable, atol=0, rtol=0)
     other = _prepared("sequential")
     other.optimizer.set_weights(values)
     for variable, value in zip(other.optimizer.variables, values):
