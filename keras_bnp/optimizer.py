@@ -117,7 +117,7 @@ class BNP(keras.optimizers.Optimizer):
     References:
     - [Lange, Helfrich & Ye, 2022. Batch Normalization Preconditioning for
       Neural Network Training. JMLR 23(72)](
-      https://jmlr.org/papers/v23/21-0213.html)
+      https://jmlr.org/papers/v23/20-1135.html)
 
     Args:
         learning_rate: Learning rate of the built-in SGD. Defaults to `0.01`.
