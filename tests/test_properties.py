@@ -108,7 +108,8 @@ def _affine_run(x, y, scale, shift, steps=15):
     return model.predict(inputs, verbose=0)
 
 
-@settings(max_examples=4, deadline=None)
+# Float32 training: the same 4 examples on every run keep CI reproducible.
+@settings(max_examples=4, deadline=None, derandomize=True)
 @given(st.integers(0, 2**32 - 1))
 def test_training_is_invariant_to_affine_input_changes(seed):
     # With exact full-batch statistics and a tiny epsilon, BNP's steps are
