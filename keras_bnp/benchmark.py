@@ -120,19 +120,12 @@ def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False):
     rounds that interleave the methods (in a rotating order), so that load
     on a shared machine hits every method alike. Returns medians."""
     rng = np.random.default_rng(seed)
-    shape = (784,) if task == "mlp" else (28, 28, 1)
-    x = rng.uniform(size=(batch_size, *shape)).astype("float32")
+    x = rng.uniform(size=(batch_size, *experiment.INPUT_SHAPES[task]))
+    x = x.astype("float32")
     y = rng.integers(0, 10, size=batch_size)
     loops = {}
     for method in methods:
-        family, normalization = experiment.METHOD_SPECS[method]
-        model = experiment.build_model(task, normalization, seed=seed)
-        model.compile(
-            optimizer=experiment._optimizer(
-                family, 1e-3, 0.9,
-                {"epsilon": None, "statistics_momentum": None}),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        model = experiment.compiled_model(method, 1e-3, task=task, seed=seed)
         model.fit(x, y, batch_size=batch_size, verbose=0)  # builds all state
         loops[method] = _step_loops(model, x, y, jit_compile)
         for loop in loops[method]:

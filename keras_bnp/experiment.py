@@ -40,7 +40,9 @@ METHOD_SPECS = {
     "bnp_adam": ("bnp_adam", None),
 }
 METHODS = tuple(METHOD_SPECS)
-TASKS = ("mlp", "cnn")
+# task: the shape of one input image as the model takes it
+INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1)}
+TASKS = tuple(INPUT_SHAPES)
 
 
 def _normalization(kind):
@@ -57,10 +59,8 @@ def build_model(task, normalization=None, hidden=(128,), seed=0):
     activation."""
     keras.utils.set_random_seed(seed)
     if task == "mlp":
-        layers = [keras.Input((784,))]
         hidden_layers = [keras.layers.Dense(units) for units in hidden]
     elif task == "cnn":
-        layers = [keras.Input((28, 28, 1))]
         hidden_layers = [
             keras.layers.Conv2D(16, 3),
             keras.layers.Conv2D(32, 3, strides=2),
@@ -70,6 +70,7 @@ def build_model(task, normalization=None, hidden=(128,), seed=0):
         raise ValueError(
             f"Argument `task` must be one of {TASKS}. Received: task={task!r}"
         )
+    layers = [keras.Input(INPUT_SHAPES[task])]
     for layer in hidden_layers:
         layers.append(layer)
         if normalization is not None:
@@ -91,6 +92,38 @@ def _optimizer(family, learning_rate, momentum, bnp_settings):
     if family == "adam":
         return keras.optimizers.Adam(learning_rate)
     return keras.optimizers.SGD(learning_rate, momentum=momentum)
+
+
+def compiled_model(
+    method,
+    learning_rate,
+    *,
+    task="mlp",
+    momentum=0.9,
+    epsilon=None,
+    statistics_momentum=None,
+    hidden=(128,),
+    seed=0,
+    **compile_kwargs,
+):
+    """`build_model` for `method`, compiled with its optimizer and a
+    from-logits cross-entropy; `compile_kwargs` go to `compile`."""
+    if method not in METHODS:
+        raise ValueError(
+            f"Argument `method` must be one of {METHODS}. "
+            f"Received: method={method!r}"
+        )
+    family, normalization = METHOD_SPECS[method]
+    model = build_model(task, normalization, hidden, seed)
+    model.compile(
+        optimizer=_optimizer(
+            family, learning_rate, momentum,
+            {"epsilon": epsilon, "statistics_momentum": statistics_momentum},
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **compile_kwargs,
+    )
+    return model
 
 
 def run(
@@ -129,36 +162,24 @@ def run(
         `loss_curve` and `validation_curve` (per epoch) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
-    if method not in METHODS:
-        raise ValueError(
-            f"Argument `method` must be one of {METHODS}. "
-            f"Received: method={method!r}"
-        )
+    model = compiled_model(
+        method, learning_rate, task=task, momentum=momentum, epsilon=epsilon,
+        statistics_momentum=statistics_momentum, hidden=hidden, seed=seed,
+        metrics=["accuracy"], steps_per_execution=max(1, 64 // batch_size),
+    )
+    optimizer = model.optimizer
+    is_bnp = isinstance(optimizer, BNP)
+    if is_bnp:
+        epsilon, statistics_momentum = (
+            optimizer.epsilon, optimizer.statistics_momentum)
     (x_train, y_train), (x_test, y_test) = data.load_mnist(source)
-    shape = (-1, 784) if task == "mlp" else (-1, 28, 28, 1)
+    shape = (-1, *INPUT_SHAPES[task])
     x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
     x_val, y_val = x_train[-validation_size:], y_train[-validation_size:]
     order = np.random.default_rng(seed).permutation(
         len(x_train) - validation_size
     )[:train_size]
     x_fit, y_fit = x_train[order], y_train[order]
-
-    family, normalization = METHOD_SPECS[method]
-    model = build_model(task, normalization, hidden, seed)
-    optimizer = _optimizer(
-        family, learning_rate, momentum,
-        {"epsilon": epsilon, "statistics_momentum": statistics_momentum},
-    )
-    is_bnp = isinstance(optimizer, BNP)
-    if is_bnp:
-        epsilon, statistics_momentum = (
-            optimizer.epsilon, optimizer.statistics_momentum)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        steps_per_execution=max(1, 64 // batch_size),
-    )
     start = time.perf_counter()
     history = model.fit(
         x_fit, y_fit, batch_size=batch_size, epochs=epochs, verbose=0,
@@ -173,7 +194,8 @@ def run(
         "task": task,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
-        "momentum": momentum if family in ("sgd", "bnp") else None,
+        "momentum": (
+            momentum if METHOD_SPECS[method][0] in ("sgd", "bnp") else None),
         "epsilon": epsilon if is_bnp else None,
         "statistics_momentum": statistics_momentum if is_bnp else None,
         "hidden": list(hidden),
