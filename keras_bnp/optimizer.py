@@ -340,12 +340,12 @@ class BNP(keras.optimizers.Optimizer):
         layers = self._called(step_inputs)
         if not layers:
             return grads
-        slots = [self._slots[_key(registry.spec(layer).kernel)]
-                 for layer in layers]
+        specs = [registry.spec(layer) for layer in layers]
+        slots = [self._slots[_key(spec.kernel)] for spec in specs]
         shifts = [tf.convert_to_tensor(slot.moving_mean) for slot in slots]
         sums = _all_replica_sums([
-            self._input_sums(layer, step_inputs[layer], shift)
-            for layer, shift in zip(layers, shifts)
+            _input_sums(step_inputs[layer], spec.channel_axis, shift)
+            for layer, spec, shift in zip(layers, specs, shifts)
         ])
         position = {_key(v): i for i, v in enumerate(trainable_variables)}
         indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
@@ -371,15 +371,6 @@ class BNP(keras.optimizers.Optimizer):
                     grads[index] = grad
         self.assign_add(self._skipped_updates, skipped)
         return grads
-
-    def _input_sums(self, layer, inputs, shift):
-        """`(count, sum(x - shift), sum((x - shift)^2))` over all of this
-        step's calls of `layer`; `shift` is the current running mean."""
-        channel_axis = registry.spec(layer).channel_axis
-        per_call = [
-            statistics.input_sums(x, channel_axis, shift) for x in inputs
-        ]
-        return [tf.add_n(list(parts)) for parts in zip(*per_call)]
 
     def layer_statistics(self, layer):
         """Current running `(mean, variance)` of `layer`'s input, as NumPy
@@ -523,6 +514,15 @@ class BNP(keras.optimizers.Optimizer):
             config["inner_optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _input_sums(inputs, channel_axis, shift):
+    """`(count, sum(x - shift), sum((x - shift)^2))` pooled over all of a
+    layer's calls in this step; `shift` is its current running mean."""
+    per_call = [
+        statistics.input_sums(x, channel_axis, shift) for x in inputs
+    ]
+    return [tf.add_n(list(parts)) for parts in zip(*per_call)]
 
 
 def _layer_update(
