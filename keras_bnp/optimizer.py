@@ -313,10 +313,61 @@ class BNP(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
-        grads = self._precondition(
-            list(grads), trainable_variables, step_inputs
-        )
-        self.inner_optimizer.apply(grads, trainable_variables)
+        grads = list(grads)
+        layers = self._called(step_inputs)
+        if not layers:
+            self.inner_optimizer.apply(grads, trainable_variables)
+            return
+        specs = [registry.spec(layer) for layer in layers]
+        slots = [self._slots[_key(spec.kernel)] for spec in specs]
+        shifts = [tf.convert_to_tensor(slot.moving_mean) for slot in slots]
+        position = {_key(v): i for i, v in enumerate(trainable_variables)}
+        indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
+                   for slot in slots]
+        # The input sums run as TensorFlow ops (on CPU, their multi-threaded
+        # reductions beat XLA's) and are all-reduced across replicas.
+        sums = _all_replica_sums([
+            _input_sums(step_inputs[layer], spec.channel_axis, shift)
+            for layer, spec, shift in zip(layers, specs, shifts)
+        ])
+        # The inner optimizer's update joins the compiled update below,
+        # except under a tf.distribute strategy, whose cross-replica merge
+        # cannot run inside it.
+        distributed = tf.distribute.has_strategy()
+
+        def update(shifts, sums, grads):
+            grads = list(grads)
+            skipped = []
+            for slot, shift, layer_sums, pair in zip(
+                    slots, shifts, sums, indices):
+                mean, variance, count, usable, *new_grads = _layer_update(
+                    shift, tf.convert_to_tensor(slot.moving_variance),
+                    tf.convert_to_tensor(slot.moving_count),
+                    *layer_sums,
+                    *(None if i is None else grads[i] for i in pair),
+                    momentum=self.statistics_momentum, epsilon=self.epsilon,
+                    groups=slot.groups,
+                )
+                self.assign(slot.moving_mean, mean)
+                self.assign(slot.moving_variance, variance)
+                self.assign(slot.moving_count, count)
+                skipped.append(1.0 - tf.cast(usable, tf.float32))
+                for index, grad in zip(pair, new_grads):
+                    if grad is not None:
+                        grads[index] = grad
+            self.assign_add(self._skipped_updates, tf.add_n(skipped))
+            if not distributed:
+                self.inner_optimizer.apply(grads, trainable_variables)
+            return grads
+
+        if not tf.executing_eagerly():
+            # XLA fuses the step's BNP work (about 50 small ops per layer,
+            # plus the inner update) into one compiled call, also when the
+            # training step itself is not jit-compiled (the default on CPU).
+            update = tf.function(update, jit_compile=True)
+        grads = update(shifts, sums, grads)
+        if distributed:
+            self.inner_optimizer.apply(grads, trainable_variables)
 
     def _called(self, step_inputs):
         """The captured layers that were called; warns about the others."""
@@ -332,45 +383,6 @@ class BNP(keras.optimizers.Optimizer):
                     stacklevel=3,
                 )
         return [layer for layer, inputs in step_inputs.items() if inputs]
-
-    def _precondition(self, grads, trainable_variables, step_inputs):
-        """Updates the statistics of the called layers with this step's
-        inputs; returns `grads` with their kernel and bias gradients
-        preconditioned."""
-        layers = self._called(step_inputs)
-        if not layers:
-            return grads
-        specs = [registry.spec(layer) for layer in layers]
-        slots = [self._slots[_key(spec.kernel)] for spec in specs]
-        shifts = [tf.convert_to_tensor(slot.moving_mean) for slot in slots]
-        sums = _all_replica_sums([
-            _input_sums(step_inputs[layer], spec.channel_axis, shift)
-            for layer, spec, shift in zip(layers, specs, shifts)
-        ])
-        position = {_key(v): i for i, v in enumerate(trainable_variables)}
-        indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
-                   for slot in slots]
-        updates, skipped = _fused_update(
-            [(shift, tf.convert_to_tensor(slot.moving_variance),
-              tf.convert_to_tensor(slot.moving_count))
-             for slot, shift in zip(slots, shifts)],
-            sums,
-            [tuple(None if i is None else grads[i] for i in pair)
-             for pair in indices],
-            momentum=self.statistics_momentum,
-            epsilon=self.epsilon,
-            groups=tuple(slot.groups for slot in slots),
-        )
-        for slot, update, pair in zip(slots, updates, indices):
-            mean, variance, count, *new_grads = update
-            self.assign(slot.moving_mean, mean)
-            self.assign(slot.moving_variance, variance)
-            self.assign(slot.moving_count, count)
-            for index, grad in zip(pair, new_grads):
-                if grad is not None:
-                    grads[index] = grad
-        self.assign_add(self._skipped_updates, skipped)
-        return grads
 
     def layer_statistics(self, layer):
         """Current running `(mean, variance)` of `layer`'s input, as NumPy
@@ -553,29 +565,6 @@ def _layer_update(
             grad_kernel, grad_bias, new_mean, new_variance, epsilon, groups
         )
     return new_mean, new_variance, new_count, usable, grad_kernel, grad_bias
-
-
-def _update_all(states, sums, layer_grads, *, momentum, epsilon, groups):
-    """`_layer_update` for every tracked layer; returns per layer
-    `(mean, variance, count, grad_kernel, grad_bias)`, and the number of
-    layers whose batch was skipped."""
-    updates, skipped = [], []
-    for state, layer_sums, (grad_kernel, grad_bias), layer_groups in zip(
-        states, sums, layer_grads, groups
-    ):
-        mean, variance, count, usable, grad_kernel, grad_bias = _layer_update(
-            *state, *layer_sums, grad_kernel, grad_bias, momentum=momentum,
-            epsilon=epsilon, groups=layer_groups,
-        )
-        updates.append((mean, variance, count, grad_kernel, grad_bias))
-        skipped.append(1.0 - tf.cast(usable, tf.float32))
-    return updates, tf.add_n(skipped)
-
-
-# XLA fuses the step's BNP work (about 50 small ops per layer) into one
-# compiled call, also when the training step itself is not jit-compiled (the
-# default on CPU): far fewer op launches per step.
-_fused_update = tf.function(_update_all, jit_compile=True)
 
 
 def _all_replica_sums(sums):

@@ -65,18 +65,29 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     inverse = kernel_view(
         1.0 / (tf.cast(variance, dtype) + epsilon), shape, groups
     )
-    fan_in_axes = list(range(len(shape) - 1))
+    inverse_mean = inverse * mean
+    spatial_size = math.prod(shape[:-2])
+    # sum_{fan-in} inverse * mean^2, per output unit (shape (1,) or (units,))
+    mean_norm = spatial_size * tf.reduce_sum(inverse_mean * mean, axis=0)
     if grad_bias is None:
-        inverse_mean = inverse * mean
-        spatial_size = math.prod(shape[:-2])
-        denominator = 1.0 + spatial_size * tf.reduce_sum(
-            inverse_mean * mean, axis=0
-        )
-        coefficient = (
-            tf.reduce_sum(inverse_mean * grad_kernel, axis=fan_in_axes)
-            / denominator
-        )
+        coefficient = _fan_in_dot(grad_kernel, inverse_mean) / (1.0 + mean_norm)
         return inverse * grad_kernel - inverse_mean * coefficient, None
-    grad_kernel = inverse * (grad_kernel - mean * grad_bias)
-    grad_bias = grad_bias - tf.reduce_sum(grad_kernel * mean, axis=fan_in_axes)
-    return grad_kernel, grad_bias
+    # The kernel's centring, expanded so that the bias needs only the
+    # original kernel gradient (a matrix-vector product, no second pass):
+    # g_bias - sum(g_kernel_new * mean) = g_bias * (1 + mean_norm)
+    #                                     - sum(inverse_mean * g_kernel)
+    return (
+        inverse * grad_kernel - inverse_mean * grad_bias,
+        grad_bias * (1.0 + mean_norm) - _fan_in_dot(grad_kernel, inverse_mean),
+    )
+
+
+def _fan_in_dot(grad_kernel, per_fan_in):
+    """`sum_{fan-in axes}(per_fan_in * grad_kernel)`, shape `(units,)`, with
+    `per_fan_in` a `kernel_view`; a matrix-vector product when it has one
+    column (no groups)."""
+    units = grad_kernel.shape[-1]
+    rows = tf.reshape(grad_kernel, (-1, per_fan_in.shape[0], units))
+    if per_fan_in.shape[1] == 1:
+        return tf.einsum("sfu,f->u", rows, per_fan_in[:, 0])
+    return tf.einsum("sfu,fu->u", rows, per_fan_in)

@@ -25,13 +25,13 @@ SAVED_KINDS = ["sequential", "functional_branches", "subclassed",
                "nested_submodel", "deferred_sequential"]
 
 
-def _compiled(kind, jit_compile=False):
+def _compiled(kind, **compile_kwargs):
     keras.utils.set_random_seed(0)
     model, _ = MODEL_KINDS[kind]()
     model.compile(
         optimizer=keras_bnp.BNP(0.05, momentum=0.9),
         loss=logits_loss(),
-        jit_compile=jit_compile,
+        **compile_kwargs,
     )
     return model
 
@@ -238,10 +238,13 @@ def test_mixed_precision_trains_with_float32_statistics(policy, restore_policy):
     assert np.all(variance >= 0)
 
 
-def test_jit_compile_gives_the_same_weights():
+def test_graph_xla_and_eager_steps_give_the_same_weights():
+    # Graph mode runs BNP's update and the inner SGD as one XLA call,
+    # jit_compile the whole step, run_eagerly op by op.
     models = []
-    for jit_compile in (False, True):
-        model = _compiled("functional_branches", jit_compile=jit_compile)
+    for mode in ({}, {"jit_compile": True}, {"run_eagerly": True}):
+        model = _compiled("functional_branches", **mode)
         model.fit(X, Y, epochs=6, **FIT)  # 36 steps
         models.append(model)
-    _assert_same_state(*models, atol=1e-5)
+    _assert_same_state(models[0], models[1], atol=1e-5)
+    _assert_same_state(models[0], models[2], atol=1e-5)
