@@ -43,15 +43,30 @@ def test_float16_inputs_are_reduced_in_float32():
     assert float(s1[0]) == 4097.0 and float(s2[0]) == 4097.0
 
 
-def test_large_offset_keeps_variance_accurate():
+@pytest.mark.parametrize("shape", [(512, 1), (8, 8, 8, 1)])
+def test_large_offset_keeps_variance_accurate(shape):
     # mean 1000, std 0.1: E[x^2] - E[x]^2 in float32 loses the variance
     # (float32 spacing at 1e6 is 0.0625); shifting by the running mean keeps
-    # it.
+    # it, for dense and convolution inputs.
     rng = np.random.default_rng(0)
-    x = (1000.0 + 0.1 * rng.normal(size=(512, 1))).astype("float32")
+    x = (1000.0 + 0.1 * rng.normal(size=shape)).astype("float32")
     _, (mean, variance) = _moments([x], -1, tf.constant([999.9]))
-    assert_allclose(variance, x.astype("float64").var(0), rtol=1e-3, atol=0)
-    assert_allclose(mean, x.astype("float64").mean(0), rtol=1e-6, atol=0)
+    want = x.reshape(-1, 1).astype("float64")
+    assert_allclose(variance, want.var(0), rtol=1e-3, atol=0)
+    assert_allclose(mean, want.mean(0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 4, 4, 3), (1, 1, 3)])
+def test_empty_and_single_value_batches(shape):
+    # No values: all sums 0, so summing across replicas adds nothing. One
+    # value: its deviation from the shift, squared.
+    x = np.arange(np.prod(shape), dtype="float32").reshape(shape) + 1.0
+    shift = tf.constant([0.5, 1.0, 1.5])
+    count, s1, s2 = statistics.input_sums(tf.constant(x), -1, shift)
+    deviation = x.reshape(-1, 3) - shift.numpy()
+    assert float(count) == deviation.shape[0]
+    assert_allclose(s1, deviation.sum(0), atol=1e-6, rtol=1e-6)
+    assert_allclose(s2, (deviation**2).sum(0), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.99])
