@@ -44,6 +44,9 @@ FULL = {
 }
 
 
+DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+
+
 def learning_rates(method):
     return ADAM_RATES if "adam" in method else SGD_RATES
 
@@ -53,9 +56,18 @@ def _key(result):
             result["learning_rate"], result["seed"])
 
 
+def _in_config(result, config):
+    """Whether `result` was run with `config`'s data and budget (a resumed
+    results file may also hold runs of other configurations)."""
+    dataset = experiment.dataset_for(result["task"], config["source"])
+    return (result.get("dataset", "mnist") == dataset
+            and result["train_size"] == config["train_size"]
+            and result["epochs"] == config["epochs"])
+
+
 def sweep(config, results, save, log=print):
     """Runs every missing configuration; `save(results)` after each."""
-    done = {_key(r) for r in results}
+    done = {_key(r) for r in results if _in_config(r, config)}
     todo = [
         (task, method, batch_size, lr, seed)
         for task in config["tasks"]
@@ -79,18 +91,16 @@ def sweep(config, results, save, log=print):
     return results
 
 
-def _seconds_per_step(run, short=10, long=60, repeats=3):
-    """Seconds per step of `run(steps)`: the difference of the fastest of
-    `repeats` long and short calls, which cancels each call's fixed cost."""
-    def fastest(steps):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(steps)
-            times.append(time.perf_counter() - start)
-        return min(times)
+def _seconds_per_step(run, seconds=0.25, repeats=3):
+    """Seconds per step of `run(steps)`, the median of `repeats` calls of
+    about `seconds` each (long enough that a call's fixed cost is small)."""
+    def per_step(steps):
+        start = time.perf_counter()
+        run(steps)
+        return (time.perf_counter() - start) / steps
 
-    return (fastest(long) - fastest(short)) / (long - short)
+    steps = max(8, int(seconds / per_step(8)))
+    return float(np.median([per_step(steps) for _ in range(repeats)]))
 
 
 def _step_loops(model, x, y, jit_compile):
@@ -120,7 +130,7 @@ def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False):
     rounds that interleave the methods (in a rotating order), so that load
     on a shared machine hits every method alike. Returns medians."""
     rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(batch_size, *experiment.INPUT_SHAPES[task]))
+    x = rng.uniform(size=(batch_size, *experiment.input_shape(task)))
     x = x.astype("float32")
     y = rng.integers(0, 10, size=batch_size)
     loops = {}
@@ -168,6 +178,10 @@ def _epochs_to(runs, target):
 def report(config, results, timings, target, command):
     """The Markdown report."""
     methods = config["methods"]
+    data = "; ".join(
+        f"{task.upper()} on "
+        f"{DATASET_NAMES[experiment.dataset_for(task, config['source'])]}"
+        for task in config["tasks"])
     lines = [
         "# keras_bnp benchmark",
         "",
@@ -175,7 +189,7 @@ def report(config, results, timings, target, command):
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.system()}; TensorFlow {tf.__version__}, Keras "
         f"{keras.__version__}; {time.strftime('%Y-%m-%d')}.  ",
-        f"Data: MNIST ({config['source']}), {config['train_size']} training "
+        f"Data: {data} ({config['source']}), {config['train_size']} training "
         f"images, {config['epochs']} epochs; learning rate per method and "
         "batch size chosen on 1000 held-out training images from "
         f"{list(SGD_RATES)} (SGD-based) or {list(ADAM_RATES)} (Adam-based); "
@@ -303,7 +317,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--data", dest="source", choices=["bundled", "tfds"],
                         default="bundled",
-                        help="bundled sample (offline) or full MNIST via tfds")
+                        help="bundled MNIST sample (offline), or via "
+                        "tensorflow_datasets full MNIST for the MLP and "
+                        "CIFAR-10 for the CNN")
     parser.add_argument("--target", type=float, default=0.85,
                         help="validation accuracy for 'epochs to target'")
     parser.add_argument("--timing-batch-sizes", nargs="*", type=int,
@@ -346,6 +362,7 @@ def main(argv=None):
         json.dump(timings, f, indent=1)
     command = "python -m keras_bnp.benchmark " + " ".join(
         argv if argv is not None else sys.argv[1:])
+    results = [r for r in results if _in_config(r, config)]
     text = report(config, results, timings, args.target, command.strip())
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
         f.write(text + "\n")

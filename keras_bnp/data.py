@@ -1,4 +1,5 @@
-"""MNIST for the demo and experiments: bundled sample, or tfds when online.
+"""Datasets for the demo and experiments: a bundled MNIST sample, or
+MNIST and CIFAR-10 through `tensorflow_datasets` when online.
 
 The bundled `data/mnist10k.npz` holds 10 000 real MNIST digits with a fixed
 train/test split (8000/2000); see `data/README.md` for its source and
@@ -25,28 +26,41 @@ def load_mnist(source="bundled"):
         with importlib.resources.as_file(path) as file, np.load(file) as f:
             arrays = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
     elif source == "tfds":
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError:
-            raise ImportError(
-                "source='tfds' needs tensorflow-datasets: "
-                "`pip install keras-bnp[data]`."
-            ) from None
-        train, test = tfds.as_numpy(
-            tfds.load("mnist", split=["train", "test"], batch_size=-1)
-        )
-        arrays = [
-            train["image"][..., 0],
-            train["label"],
-            test["image"][..., 0],
-            test["label"],
-        ]
+        x_train, y_train, x_test, y_test = _tfds_arrays("mnist")
+        arrays = [x_train[..., 0], y_train, x_test[..., 0], y_test]
     else:
         raise ValueError(
             "Argument `source` must be 'bundled' or 'tfds'. "
             f"Received: source={source!r}"
         )
-    x_train, y_train, x_test, y_test = arrays
+    return _scaled(*arrays)
+
+
+def load_cifar10():
+    """The CIFAR-10 training and test sets (50000/10000) through
+    `tensorflow_datasets` (downloaded once; there is no bundled copy).
+
+    Returns `(x_train, y_train), (x_test, y_test)`: images float32 in
+    [0, 1], shape `(n, 32, 32, 3)`; labels int32.
+    """
+    return _scaled(*_tfds_arrays("cifar10"))
+
+
+def _tfds_arrays(name):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(
+            "Loading through tensorflow_datasets needs it installed: "
+            "`pip install keras-bnp[data]`."
+        ) from None
+    train, test = tfds.as_numpy(
+        tfds.load(name, split=["train", "test"], batch_size=-1)
+    )
+    return [train["image"], train["label"], test["image"], test["label"]]
+
+
+def _scaled(x_train, y_train, x_test, y_test):
     return (
         (x_train.astype("float32") / 255.0, y_train.astype("int32")),
         (x_test.astype("float32") / 255.0, y_test.astype("int32")),

@@ -40,9 +40,35 @@ METHOD_SPECS = {
     "bnp_adam": ("bnp_adam", None),
 }
 METHODS = tuple(METHOD_SPECS)
-# task: the shape of one input image as the model takes it
-INPUT_SHAPES = {"mlp": (784,), "cnn": (28, 28, 1)}
-TASKS = tuple(INPUT_SHAPES)
+TASKS = ("mlp", "cnn")
+# data source -> task -> dataset: offline, both tasks use the bundled MNIST
+# sample; through tensorflow_datasets the CNN trains on CIFAR-10.
+DATASETS = {
+    "bundled": {"mlp": "mnist", "cnn": "mnist"},
+    "tfds": {"mlp": "mnist", "cnn": "cifar10"},
+}
+IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+def dataset_for(task, source):
+    """The dataset `task` trains on with data `source` (see `DATASETS`)."""
+    if source not in DATASETS:
+        raise ValueError(
+            "Argument `source` must be 'bundled' or 'tfds'. "
+            f"Received: source={source!r}"
+        )
+    if task not in TASKS:
+        raise ValueError(
+            f"Argument `task` must be one of {TASKS}. Received: task={task!r}"
+        )
+    return DATASETS[source][task]
+
+
+def input_shape(task, dataset="mnist"):
+    """The shape of one example as `task`'s model takes it: flattened
+    images for the MLP."""
+    shape = IMAGE_SHAPES[dataset]
+    return (math.prod(shape),) if task == "mlp" else shape
 
 
 def _normalization(kind):
@@ -53,10 +79,11 @@ def _normalization(kind):
     }[kind]()
 
 
-def build_model(task, normalization=None, hidden=(128,), seed=0):
-    """A ReLU MLP (on flattened images) or a small CNN for 28x28 images,
-    with logits out and an optional normalization layer before every hidden
-    activation."""
+def build_model(task, normalization=None, hidden=(128,), seed=0,
+                dataset="mnist"):
+    """A ReLU MLP (on flattened images) or a small CNN for `dataset`'s
+    images, with logits out and an optional normalization layer before every
+    hidden activation."""
     keras.utils.set_random_seed(seed)
     if task == "mlp":
         hidden_layers = [keras.layers.Dense(units) for units in hidden]
@@ -70,7 +97,7 @@ def build_model(task, normalization=None, hidden=(128,), seed=0):
         raise ValueError(
             f"Argument `task` must be one of {TASKS}. Received: task={task!r}"
         )
-    layers = [keras.Input(INPUT_SHAPES[task])]
+    layers = [keras.Input(input_shape(task, dataset))]
     for layer in hidden_layers:
         layers.append(layer)
         if normalization is not None:
@@ -104,6 +131,7 @@ def compiled_model(
     statistics_momentum=None,
     hidden=(128,),
     seed=0,
+    dataset="mnist",
     **compile_kwargs,
 ):
     """`build_model` for `method`, compiled with its optimizer and a
@@ -114,7 +142,7 @@ def compiled_model(
             f"Received: method={method!r}"
         )
     family, normalization = METHOD_SPECS[method]
-    model = build_model(task, normalization, hidden, seed)
+    model = build_model(task, normalization, hidden, seed, dataset)
     model.compile(
         optimizer=_optimizer(
             family, learning_rate, momentum,
@@ -153,27 +181,33 @@ def run(
             `"batchnorm"`, `"layernorm"`, `"groupnorm"` (SGD on the model
             with those layers), `"adam"`, `"bnp_adam"` (BNP around Adam).
         task: `"mlp"` or `"cnn"`.
+        source: `"bundled"` (the offline MNIST sample) or `"tfds"` (full
+            MNIST for the MLP, CIFAR-10 for the CNN; see `DATASETS`).
 
     Returns:
-        A dict of the arguments plus `train_loss` (cross-entropy on the
-        training images after training), `validation_accuracy`,
+        A dict of the arguments plus `dataset`, `train_loss` (cross-entropy
+        on the training images after training), `validation_accuracy`,
         `test_accuracy`, `diverged` (non-finite, or training loss above the
         `ln(10)` of a uniform guess), `seconds` (training time),
         `loss_curve` and `validation_curve` (per epoch) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
+    dataset = dataset_for(task, source)
     model = compiled_model(
         method, learning_rate, task=task, momentum=momentum, epsilon=epsilon,
         statistics_momentum=statistics_momentum, hidden=hidden, seed=seed,
-        metrics=["accuracy"], steps_per_execution=max(1, 64 // batch_size),
+        dataset=dataset, metrics=["accuracy"],
+        steps_per_execution=max(1, 64 // batch_size),
     )
     optimizer = model.optimizer
     is_bnp = isinstance(optimizer, BNP)
     if is_bnp:
         epsilon, statistics_momentum = (
             optimizer.epsilon, optimizer.statistics_momentum)
-    (x_train, y_train), (x_test, y_test) = data.load_mnist(source)
-    shape = (-1, *INPUT_SHAPES[task])
+    (x_train, y_train), (x_test, y_test) = (
+        data.load_mnist(source) if dataset == "mnist" else data.load_cifar10()
+    )
+    shape = (-1, *input_shape(task, dataset))
     x_train, x_test = x_train.reshape(shape), x_test.reshape(shape)
     x_val, y_val = x_train[-validation_size:], y_train[-validation_size:]
     order = np.random.default_rng(seed).permutation(
@@ -192,6 +226,7 @@ def run(
     return {
         "method": method,
         "task": task,
+        "dataset": dataset,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "momentum": (

@@ -42,6 +42,20 @@ def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
                            timeout=600)
     assert "[1/" not in again.stdout
     assert len(json.loads((out / "results.json").read_text())) == 18
+    # Another budget in the same folder trains anew and reports only its
+    # own runs: sgd and bnp x 3 rates at batch size 32, one epoch.
+    other = COMMAND[:4] + ["bnp", "--batch-sizes", "32", "--seeds", "0",
+                           "--train-size", "200", "--epochs", "1",
+                           "--timing-batch-sizes"]
+    third = subprocess.run(other + ["--out-dir", str(out)], check=True,
+                           capture_output=True, text=True, env=ENV,
+                           timeout=600)
+    assert "[6/6]" in third.stdout and "[7/" not in third.stdout
+    assert len(json.loads((out / "results.json").read_text())) == 24
+    report = (out / "report.md").read_text()
+    assert "Data: MLP on MNIST (bundled), 200 training images, 1 epochs" \
+        in report
+    assert "| method | bs 32 |" in report and "batchnorm" not in report
 
 
 def test_help():

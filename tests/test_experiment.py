@@ -1,0 +1,51 @@
+"""Which data each task trains on, and the CIFAR-10-shaped CNN.
+
+CIFAR-10 itself comes only through tensorflow_datasets, which needs the
+internet (not available where these tests run), so the CNN for it is
+trained here on random images of its shape.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bnp import experiment
+
+
+def test_tfds_trains_the_cnn_on_cifar10_and_the_mlp_on_mnist():
+    assert experiment.dataset_for("cnn", "tfds") == "cifar10"
+    assert experiment.dataset_for("mlp", "tfds") == "mnist"
+    assert experiment.dataset_for("cnn", "bundled") == "mnist"
+    assert experiment.input_shape("mlp", "cifar10") == (3072,)
+    assert experiment.input_shape("cnn", "cifar10") == (32, 32, 3)
+    assert experiment.input_shape("cnn") == (28, 28, 1)
+
+
+@pytest.mark.parametrize(
+    "task, source, match",
+    [("cnn", "cifar", "Argument `source` must be 'bundled' or 'tfds'. "
+      "Received: source='cifar'"),
+     ("rnn", "tfds", "Argument `task` must be one of")],
+)
+def test_unknown_task_or_source_is_rejected(task, source, match):
+    with pytest.raises(ValueError, match=match):
+        experiment.run("bnp", 8, 0.01, task=task, source=source)
+
+
+def test_cifar10_cnn_trains_with_bnp():
+    model = experiment.compiled_model("bnp", 0.01, task="cnn",
+                                      dataset="cifar10")
+    # conv 32 -> 30 -> 14 -> 6: the Dense layer sees 6 * 6 * 32 features.
+    kernels = [layer.kernel.shape for layer in model.layers
+               if hasattr(layer, "kernel")]
+    assert kernels == [(3, 3, 3, 16), (3, 3, 16, 32), (3, 3, 32, 32),
+                       (1152, 10)]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(64, 32, 32, 3)).astype("float32")
+    y = (x[:, :16].mean(axis=(1, 2, 3)) > x[:, 16:].mean(axis=(1, 2, 3)))
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y.astype("int32"), batch_size=8, epochs=5, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.7 * before
+    mean, _ = model.optimizer.layer_statistics(model.layers[0])
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), atol=0.01)
+    keras.backend.clear_session()
