@@ -336,7 +336,6 @@ class BNP(keras.optimizers.Optimizer):
         distributed = tf.distribute.has_strategy()
 
         def update(shifts, sums, grads):
-            grads = list(grads)
             skipped = []
             for slot, shift, layer_sums, pair in zip(
                     slots, shifts, sums, indices):

@@ -105,18 +105,32 @@ def test_equal_batches_give_adam_bias_correction():
     assert_allclose(count, 8.0 * (1 - beta**3) / (1 - beta), rtol=1e-6)
 
 
-def test_smaller_batch_is_weighted_by_its_size():
-    # Momentum 0.5: a full batch of 6 values at 0, then a last batch of 2
-    # values at 3. Weights: 0.5 * 6 = 3 against 2, so the mean is 6/5.
-    mean, variance, count = statistics.update_moving(
-        tf.zeros(1), tf.ones(1), 0.0, tf.zeros(1), tf.zeros(1), 6.0, 0.5
-    )
-    mean, variance, count = statistics.update_moving(
-        mean, variance, count, tf.constant([3.0]), tf.zeros(1), 2.0, 0.5
-    )
-    assert_allclose(mean, [6.0 / 5.0])
-    assert_allclose(variance, [(3 / 5) * (2 / 5) * 9.0])
-    assert_allclose(count, 5.0)
+@pytest.mark.parametrize(
+    "first, second, momentum, want",
+    [
+        # A full batch of 6 values at 0, then a last batch of 2 values at 3:
+        # weights 0.5 * 6 = 3 against 2, so the mean is 6/5 and the variance
+        # (3/5)(2/5)(3 - 0)^2.
+        ((0.0, 6.0), (3.0, 2.0), 0.5,
+         (6.0 / 5.0, (3 / 5) * (2 / 5) * 9.0, 5.0)),
+        # Batch size one: single values 0 and 2, weights 1/3 and 2/3, so
+        # mean 4/3 and variance (1/3)(2/3)(2 - 0)^2 = 8/9; count 0.5 + 1.
+        ((0.0, 1.0), (2.0, 1.0), 0.5, (4.0 / 3.0, 8.0 / 9.0, 1.5)),
+    ],
+    ids=["smaller_last_batch_weighted_by_size", "batch_size_one"],
+)
+def test_two_updates_give_the_weighted_mixture(first, second, momentum, want):
+    # Zero-variance batches: all of the variance comes from the averaging.
+    mean, variance, count = tf.ones(1), tf.ones(1), 0.0
+    for value, size in (first, second):
+        mean, variance, count = statistics.update_moving(
+            mean, variance, count, tf.constant([value]), tf.zeros(1), size,
+            momentum,
+        )
+    want_mean, want_variance, want_count = want
+    assert_allclose(mean, [want_mean])
+    assert_allclose(variance, [want_variance])
+    assert_allclose(count, want_count)
 
 
 def test_first_update_and_zero_momentum_return_the_batch():
@@ -131,14 +145,3 @@ def test_first_update_and_zero_momentum_return_the_batch():
         assert_allclose(variance, batch_variance)
 
 
-def test_batch_size_one_gives_variance_from_the_running_average():
-    # Two single values 0 and 2 with momentum 0.5: weights 1/3 and 2/3, so
-    # mean = 4/3 and variance = (1/3)(2/3)(2 - 0)^2 = 8/9.
-    mean, variance, count = statistics.update_moving(
-        tf.zeros(1), tf.ones(1), 0.0, tf.zeros(1), tf.zeros(1), 1.0, 0.5
-    )
-    mean, variance, count = statistics.update_moving(
-        mean, variance, count, tf.constant([2.0]), tf.zeros(1), 1.0, 0.5
-    )
-    assert_allclose(mean, [4.0 / 3.0])
-    assert_allclose(variance, [8.0 / 9.0])
