@@ -336,6 +336,7 @@ class BNP(keras.optimizers.Optimizer):
         distributed = tf.distribute.has_strategy()
 
         def update(shifts, sums, grads):
+            grads = list(grads)  # tf.function forbids changing its argument
             skipped = []
             for slot, shift, layer_sums, pair in zip(
                     slots, shifts, sums, indices):
