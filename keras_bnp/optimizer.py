@@ -356,18 +356,20 @@ class BNP(keras.optimizers.Optimizer):
                     if grad is not None:
                         grads[index] = grad
             self.assign_add(self._skipped_updates, tf.add_n(skipped))
-            if not distributed:
-                self.inner_optimizer.apply(grads, trainable_variables)
-            return grads
+            if distributed:
+                return grads
+            # Returning the gradients would make XLA write them out.
+            self.inner_optimizer.apply(grads, trainable_variables)
+            return None
 
         if not tf.executing_eagerly():
             # XLA fuses the step's BNP work (about 50 small ops per layer,
             # plus the inner update) into one compiled call, also when the
             # training step itself is not jit-compiled (the default on CPU).
             update = tf.function(update, jit_compile=True)
-        grads = update(shifts, sums, grads)
+        preconditioned = update(shifts, sums, grads)
         if distributed:
-            self.inner_optimizer.apply(grads, trainable_variables)
+            self.inner_optimizer.apply(preconditioned, trainable_variables)
 
     def _called(self, step_inputs):
         """The captured layers that were called; warns about the others."""
