@@ -14,7 +14,9 @@ file is resumed, so a sweep can be split or interrupted), `timing.json`,
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -152,6 +154,33 @@ def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False):
     }
 
 
+def timing_in_processes(task, batch_size, methods, rounds=5, processes=1):
+    """`timing` in `processes` fresh processes, one after another (a list of
+    their results): how fast a model runs varies more between processes
+    (memory layout, thread placement) than between rounds of one. With one
+    process, runs in this one."""
+    if processes == 1:
+        return [timing(task, batch_size, methods, rounds)]
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for _ in range(processes):
+        with concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=context) as pool:
+            results.append(pool.submit(
+                timing, task, batch_size, methods, rounds).result())
+    return results
+
+
+def _ratio_cell(runs, method, kind):
+    """Median over processes of `method`'s time over SGD's in the same
+    process, with the range when there are several processes."""
+    ratios = [run[method][kind] / run["sgd"][kind] for run in runs]
+    cell = f"{np.median(ratios):.2f}x"
+    if len(ratios) > 1:
+        cell += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+    return cell
+
+
 def _tuned(results, task, method, batch_size):
     """The runs of the learning rate with the best mean validation
     accuracy, or [] if there are none."""
@@ -221,13 +250,15 @@ def report(config, results, timings, target, command):
             f"![training loss]({task}_loss.png)", "",
         ]
     for task, per_batch in timings.items():
-        for batch_size, times in per_batch.items():
-            base = times["sgd"]
+        for batch_size, runs in per_batch.items():
             lines += [
                 f"## {task.upper()}: cost per step, batch size {batch_size}",
                 "",
-                "Interleaved medians in one process. Inference is compared "
-                "with the plain model of the same architecture (`sgd`).", "",
+                f"Each of {len(runs)} process(es) interleaves the methods; "
+                "times and ratios to SGD are per-process medians, then the "
+                "median over processes (range in brackets). Inference is "
+                "compared with the plain model of the same architecture "
+                "(`sgd`).", "",
                 "| method | train ms/step | vs SGD | inference ms/batch "
                 "| vs plain | optimizer state (floats) |",
                 "|---|---|---|---|---|---|",
@@ -235,12 +266,14 @@ def report(config, results, timings, target, command):
             for method in methods:
                 state = [r["optimizer_state_floats"] for r in results
                          if r["task"] == task and r["method"] == method]
-                t = times[method]
+                train, inference = (
+                    1e3 * np.median([run[method][kind] for run in runs])
+                    for kind in ("train", "inference"))
                 lines.append(
-                    f"| {method} | {1e3 * t['train']:.3f} | "
-                    f"{t['train'] / base['train']:.2f}x | "
-                    f"{1e3 * t['inference']:.3f} | "
-                    f"{t['inference'] / base['inference']:.2f}x | "
+                    f"| {method} | {train:.3f} | "
+                    f"{_ratio_cell(runs, method, 'train')} | "
+                    f"{inference:.3f} | "
+                    f"{_ratio_cell(runs, method, 'inference')} | "
                     f"{state[0] if state else '—'} |")
             lines.append("")
     return "\n".join(lines)
@@ -302,6 +335,13 @@ def _save(fig, ax, path, xlabel, ylabel, title):
     return path
 
 
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.benchmark", description=__doc__,
@@ -326,7 +366,11 @@ def main(argv=None):
                         default=[128], help="batch sizes of the cost table")
     parser.add_argument("--timing-tasks", nargs="+", choices=experiment.TASKS,
                         help="tasks of the cost table (default: --tasks)")
-    parser.add_argument("--timing-rounds", type=int, default=5)
+    parser.add_argument("--timing-rounds", type=_positive_int, default=5)
+    parser.add_argument("--timing-processes", type=_positive_int,
+                        default=1,
+                        help="repeat the cost table in this many fresh "
+                        "processes and report the median and range")
     parser.add_argument("--out-dir", default="benchmark_out")
     args = parser.parse_args(argv)
 
@@ -352,8 +396,9 @@ def main(argv=None):
     sweep(config, results, save)
     timings = {
         task: {
-            batch_size: timing(task, batch_size, config["methods"],
-                               rounds=args.timing_rounds)
+            batch_size: timing_in_processes(
+                task, batch_size, config["methods"], args.timing_rounds,
+                args.timing_processes)
             for batch_size in args.timing_batch_sizes
         }
         for task in args.timing_tasks or config["tasks"]

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 COMMAND = [
     sys.executable, "-m", "keras_bnp.benchmark", "--methods", "bnp",
     "batchnorm", "--batch-sizes", "4", "32", "--seeds", "0",
@@ -16,23 +18,33 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
     out = tmp_path / "bench"
-    run = subprocess.run(COMMAND + ["--out-dir", str(out)], check=True,
-                         capture_output=True, text=True, env=ENV, timeout=600)
+    run = subprocess.run(
+        COMMAND + ["--timing-processes", "2", "--out-dir", str(out)],
+        check=True, capture_output=True, text=True, env=ENV, timeout=600)
     # sgd is added as the reference: 3 methods x 2 batch sizes x 3 rates.
     assert run.stdout.count("[") == 18
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 18
     assert {r["method"] for r in results} == {"sgd", "bnp", "batchnorm"}
     assert all(len(r["loss_curve"]) == 2 for r in results)
-    timing = json.loads((out / "timing.json").read_text())
-    assert set(timing["mlp"]["16"]) == {"sgd", "bnp", "batchnorm"}
-    assert all(v["train"] > 0 for v in timing["mlp"]["16"].values())
+    # The cost table, once in each of two fresh processes.
+    processes = json.loads((out / "timing.json").read_text())["mlp"]["16"]
+    assert len(processes) == 2
+    for times in processes:
+        assert set(times) == {"sgd", "bnp", "batchnorm"}
+        assert all(v["train"] > 0 for v in times.values())
     report = (out / "report.md").read_text()
+    # bnp's ratio to SGD: the median of the two processes' ratios, and range.
+    cost = report.split("cost per step, batch size 16")[1]
+    row = next(line for line in cost.splitlines()
+               if line.startswith("| bnp |"))
+    ratios = sorted(t["bnp"]["train"] / t["sgd"]["train"] for t in processes)
+    assert (f"| {np.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[1]:.2f}) |"
+            in row)
     assert "## MLP: test accuracy at the tuned learning rate" in report
     assert "| method | bs 4 | bs 32 |" in report
     for method in ("sgd", "bnp", "batchnorm"):
         assert f"| {method} | 0." in report
-    assert "| bnp |" in report.split("cost per step, batch size 16")[1]
     assert "--train-size 200" in report
     for name in ("mlp_accuracy.png", "mlp_loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,3 +75,10 @@ def test_help():
                           "--help"], check=True, capture_output=True,
                          text=True, env=ENV, timeout=120).stdout
     assert "--full" in out and "--data" in out
+
+
+def test_bad_timing_processes_is_a_usage_error():
+    run = subprocess.run(COMMAND + ["--timing-processes", "0"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 2
+    assert "--timing-processes: must be at least 1, got 0" in run.stderr
