@@ -68,7 +68,7 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     inverse_mean = inverse * mean
     spatial_size = math.prod(shape[:-2])
     # sum_{fan-in} inverse * mean^2, per output unit (shape (1,) or (units,))
-    mean_norm = spatial_size * tf.reduce_sum(inverse_mean * mean, axis=0)
+    mean_norm = spatial_size * tf.einsum("fu,fu->u", inverse_mean, mean)
     if grad_bias is None:
         coefficient = _fan_in_dot(grad_kernel, inverse_mean) / (1.0 + mean_norm)
         return inverse * grad_kernel - inverse_mean * coefficient, None

@@ -56,7 +56,8 @@ def test_constant_columns_and_dead_units_do_not_blow_up(
     assert np.all(hidden_variance[:16] == 0)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
+# 3e19 is finite, but its square overflows float32.
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])
 def test_non_finite_batch_leaves_statistics_unpoisoned(bad):
     x = shifted_inputs(np.random.default_rng(0), (24, 6))
     y = np.arange(24) % 3
@@ -77,9 +78,10 @@ def test_non_finite_batch_leaves_statistics_unpoisoned(bad):
     assert_allclose(mean, reference.mean, atol=1e-5)
     assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-5)
     assert model.optimizer.skipped_statistics_updates >= 2
-    # The NaN gradients did reach the weights (the inner optimizer's
-    # business, as documented), and still no statistic is poisoned.
-    assert not np.all(np.isfinite(model.layers[0].kernel.numpy()))
+    if not np.isfinite(bad):
+        # The NaN gradients did reach the weights (the inner optimizer's
+        # business, as documented), and still no statistic is poisoned.
+        assert not np.all(np.isfinite(model.layers[0].kernel.numpy()))
     for slot in model.optimizer._slots.values():
         assert all(np.all(np.isfinite(v.numpy())) for v in slot.variables)
 
