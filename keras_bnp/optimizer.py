@@ -320,15 +320,19 @@ class BNP(keras.optimizers.Optimizer):
             return
         specs = [registry.spec(layer) for layer in layers]
         slots = [self._slots[_key(spec.kernel)] for spec in specs]
-        shifts = [tf.convert_to_tensor(slot.moving_mean) for slot in slots]
+        running = [
+            (tf.convert_to_tensor(slot.moving_mean),
+             tf.convert_to_tensor(slot.moving_variance))
+            for slot in slots
+        ]
         position = {_key(v): i for i, v in enumerate(trainable_variables)}
         indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
                    for slot in slots]
         # The input sums run as TensorFlow ops (on CPU, their multi-threaded
         # reductions beat XLA's) and are all-reduced across replicas.
         sums = _all_replica_sums([
-            _input_sums(step_inputs[layer], spec.channel_axis, shift)
-            for layer, spec, shift in zip(layers, specs, shifts)
+            _input_sums(step_inputs[layer], spec.channel_axis, mean, variance)
+            for layer, spec, (mean, variance) in zip(layers, specs, running)
         ])
         # The inner optimizer's update joins the compiled update below,
         # except under a tf.distribute strategy, whose cross-replica merge
@@ -534,11 +538,12 @@ class BNP(keras.optimizers.Optimizer):
         return cls(**config)
 
 
-def _input_sums(inputs, channel_axis, shift):
-    """`(count, sum(x - shift), sum((x - shift)^2))` pooled over all of a
-    layer's calls in this step; `shift` is its current running mean."""
+def _input_sums(inputs, channel_axis, mean, variance):
+    """`(count, sum(x - mean), sum((x - mean)^2))` pooled over all of a
+    layer's calls in this step, with its current running statistics."""
     per_call = [
-        statistics.input_sums(x, channel_axis, shift) for x in inputs
+        statistics.input_sums(x, channel_axis, mean, variance)
+        for x in inputs
     ]
     return [tf.add_n(list(parts)) for parts in zip(*per_call)]
 

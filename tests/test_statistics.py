@@ -8,24 +8,29 @@ from keras_bnp import _reference
 from keras_bnp import statistics
 
 
-def _moments(inputs, channel_axis, shift):
-    sums = [statistics.input_sums(tf.constant(x), channel_axis, shift)
+def _moments(inputs, channel_axis, shift, variance=None):
+    sums = [statistics.input_sums(tf.constant(x), channel_axis, shift,
+                                  variance)
             for x in inputs]
     count, s1, s2 = (tf.add_n(list(p)) for p in zip(*sums))
     return count, statistics.moments_from_sums(count, s1, s2, shift)
 
 
+# A running variance of 1e3 makes `input_sums` use raw sums here (every
+# shift^2 < 16e3); None always centres.
+@pytest.mark.parametrize("running_variance", [None, 1e3])
 @pytest.mark.parametrize(
     "shape, channel_axis",
     [((7, 3), -1), ((2, 5, 4), -1), ((2, 3, 4, 5), -1), ((2, 3, 4, 5), 1),
      ((2, 3, 2, 2, 2), 1)],
 )
-def test_pooled_moments_match_numpy(shape, channel_axis):
+def test_pooled_moments_match_numpy(shape, channel_axis, running_variance):
     rng = np.random.default_rng(0)
     inputs = [shifted_inputs(rng, shape, channel_axis) for _ in range(2)]
     channels = shape[channel_axis]
     shift = tf.constant(rng.normal(size=channels), tf.float32)
-    count, (mean, variance) = _moments(inputs, channel_axis, shift)
+    count, (mean, variance) = _moments(inputs, channel_axis, shift,
+                                       running_variance)
     want_mean, want_variance = _reference.batch_moments(inputs, channel_axis)
     assert float(count) == 2 * np.prod(shape) / channels
     assert_allclose(mean, want_mean, atol=1e-5, rtol=1e-5)
@@ -43,17 +48,36 @@ def test_float16_inputs_are_reduced_in_float32():
     assert float(s1[0]) == 4097.0 and float(s2[0]) == 4097.0
 
 
+@pytest.mark.parametrize("running_variance", [None, 0.01])
 @pytest.mark.parametrize("shape", [(512, 1), (8, 8, 8, 1)])
-def test_large_offset_keeps_variance_accurate(shape):
+def test_large_offset_keeps_variance_accurate(shape, running_variance):
     # mean 1000, std 0.1: E[x^2] - E[x]^2 in float32 loses the variance
     # (float32 spacing at 1e6 is 0.0625); shifting by the running mean keeps
-    # it, for dense and convolution inputs.
+    # it, for dense and convolution inputs. With the running variance 0.01,
+    # 999.9^2 > 16 * 0.01, so `input_sums` must centre.
     rng = np.random.default_rng(0)
     x = (1000.0 + 0.1 * rng.normal(size=shape)).astype("float32")
-    _, (mean, variance) = _moments([x], -1, tf.constant([999.9]))
+    shift = tf.constant([999.9])
+    _, (mean, variance) = _moments([x], -1, shift, running_variance)
     want = x.reshape(-1, 1).astype("float64")
     assert_allclose(variance, want.var(0), rtol=1e-3, atol=0)
     assert_allclose(mean, want.mean(0), rtol=1e-6, atol=0)
+    # The raw sums, which a running variance of 1e6 allows, lose it: the
+    # reason for the switch.
+    _, (_, raw_variance) = _moments([x], -1, shift, 1e6)
+    assert abs(float(raw_variance[0]) - want.var()) > 0.1 * want.var()
+
+
+@pytest.mark.parametrize("shift", [-1.0, 0.0, 1.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])
+def test_raw_sums_of_non_finite_inputs_are_non_finite(bad, shift):
+    # The optimizer skips a batch whose sum of squares is not finite; the
+    # raw-sum path must keep that so (Inf - Inf is NaN, also non-finite).
+    x = np.ones((4, 2), np.float32)
+    x[1, 0] = bad
+    _, _, square_sum = statistics.input_sums(
+        tf.constant(x), -1, tf.constant([shift, shift]), tf.constant(1e3))
+    assert not np.isfinite(square_sum[0]) and np.isfinite(square_sum[1])
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 4, 4, 3), (1, 1, 3)])
