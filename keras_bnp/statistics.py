@@ -29,9 +29,10 @@ def input_sums(inputs, channel_axis, shift, variance=None):
     `|shift|` is. With `variance` (the running variance), and when
     `shift^2 <= RAW_SUMS_MAX_RATIO * variance` in every channel, they are
     derived from `sum(x)` and `sum(x^2)` instead, which skips writing the
-    centred copy of the input (about half the time on CPU); then the
-    rounding error, relative to `variance`, is at most about
-    `(1 + sqrt(RAW_SUMS_MAX_RATIO))^2 = 25` times that of the centred sums.
+    centred copy of the input (about half the time on CPU). Then the
+    rounding error of the variance, relative to `variance`, grows from about
+    `a^2` to at most about `(a + 4)^2` roundings, where
+    `a^2 = mean((x - shift)^2) / variance` (about 1 for a typical batch).
     A non-finite input gives a non-finite sum of squares either way.
     """
     inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
