@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bnp import data
 from keras_bnp import experiment
 
 SGD_RATES = (0.003, 0.01, 0.03)
@@ -127,14 +128,38 @@ def _step_loops(model, x, y, jit_compile):
             lambda steps: infer(tf.constant(steps)).numpy())
 
 
-def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False):
-    """Per-step training and inference seconds per method, measured in
-    rounds that interleave the methods (in a rotating order), so that load
-    on a shared machine hits every method alike. Returns medians."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(batch_size, *experiment.input_shape(task)))
-    x = x.astype("float32")
-    y = rng.integers(0, 10, size=batch_size)
+TIMING_INPUTS = ("digits", "noise")
+
+
+def timing_batch(task, batch_size, inputs="digits", seed=0):
+    """The one batch `(x, y)` that `timing` trains on: the first
+    `batch_size` digits of the bundled MNIST sample (repeated if needed),
+    or uniform noise in [0, 1] with random labels. The data matter to BNP
+    only through its input sums, which take a slower path for layers whose
+    running mean is large against their spread (see
+    `statistics.input_sums`); on noise, the upper layers' features are such
+    a case."""
+    if inputs == "digits":
+        (x, y), _ = data.load_mnist()
+        index = np.arange(batch_size) % len(x)
+        x, y = x[index], y[index]
+    elif inputs == "noise":
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(size=(batch_size, 28, 28)).astype("float32")
+        y = rng.integers(0, 10, size=batch_size)
+    else:
+        raise ValueError(f"Argument `inputs` must be one of {TIMING_INPUTS}. "
+                         f"Received: inputs={inputs!r}")
+    return x.reshape((batch_size, *experiment.input_shape(task))), y
+
+
+def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False,
+           inputs="digits"):
+    """Per-step training and inference seconds per method on one fixed
+    batch (`timing_batch`), measured in rounds that interleave the methods
+    (in a rotating order), so that load on a shared machine hits every
+    method alike. Returns medians."""
+    x, y = timing_batch(task, batch_size, inputs, seed)
     loops = {}
     for method in methods:
         model = experiment.compiled_model(method, 1e-3, task=task, seed=seed)
@@ -154,20 +179,22 @@ def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False):
     }
 
 
-def timing_in_processes(task, batch_size, methods, rounds=5, processes=1):
+def timing_in_processes(task, batch_size, methods, rounds=5, processes=1,
+                        inputs="digits"):
     """`timing` in `processes` fresh processes, one after another (a list of
     their results): how fast a model runs varies more between processes
     (memory layout, thread placement) than between rounds of one. With one
     process, runs in this one."""
     if processes == 1:
-        return [timing(task, batch_size, methods, rounds)]
+        return [timing(task, batch_size, methods, rounds, inputs=inputs)]
     context = multiprocessing.get_context("spawn")
     results = []
     for _ in range(processes):
         with concurrent.futures.ProcessPoolExecutor(
                 1, mp_context=context) as pool:
             results.append(pool.submit(
-                timing, task, batch_size, methods, rounds).result())
+                timing, task, batch_size, methods, rounds,
+                inputs=inputs).result())
     return results
 
 
@@ -207,7 +234,7 @@ def _epochs_to(runs, target):
 def report(config, results, timings, target, command):
     """The Markdown report."""
     methods = config["methods"]
-    data = "; ".join(
+    datasets = "; ".join(
         f"{task.upper()} on "
         f"{DATASET_NAMES[experiment.dataset_for(task, config['source'])]}"
         for task in config["tasks"])
@@ -218,9 +245,10 @@ def report(config, results, timings, target, command):
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.system()}; TensorFlow {tf.__version__}, Keras "
         f"{keras.__version__}; {time.strftime('%Y-%m-%d')}.  ",
-        f"Data: {data} ({config['source']}), {config['train_size']} training "
-        f"images, {config['epochs']} epochs; learning rate per method and "
-        "batch size chosen on 1000 held-out training images from "
+        f"Data: {datasets} ({config['source']}), "
+        f"{config['train_size']} training images, {config['epochs']} "
+        "epochs; learning rate per method and batch size chosen on 1000 "
+        "held-out training images from "
         f"{list(SGD_RATES)} (SGD-based) or {list(ADAM_RATES)} (Adam-based); "
         f"seeds {config['seeds']}; mean ± standard deviation over seeds.",
         "",
@@ -254,7 +282,11 @@ def report(config, results, timings, target, command):
             lines += [
                 f"## {task.upper()}: cost per step, batch size {batch_size}",
                 "",
-                f"Each of {len(runs)} process(es) interleaves the methods; "
+                "One fixed batch of "
+                + {"digits": "bundled MNIST digits",
+                   "noise": "uniform noise"}[config["timing_inputs"]]
+                + f". Each of {len(runs)} process(es) interleaves the "
+                "methods; "
                 "times and ratios to SGD are per-process medians, then the "
                 "median over processes (range in brackets). Inference is "
                 "compared with the plain model of the same architecture "
@@ -371,6 +403,10 @@ def main(argv=None):
                         default=1,
                         help="repeat the cost table in this many fresh "
                         "processes and report the median and range")
+    parser.add_argument("--timing-inputs", choices=TIMING_INPUTS,
+                        default="digits",
+                        help="the fixed batch of the cost table: bundled "
+                        "MNIST digits, or uniform noise")
     parser.add_argument("--out-dir", default="benchmark_out")
     args = parser.parse_args(argv)
 
@@ -382,6 +418,7 @@ def main(argv=None):
     if "sgd" not in config["methods"]:
         config["methods"].insert(0, "sgd")  # the reference of every ratio
     config["source"] = args.source
+    config["timing_inputs"] = args.timing_inputs
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
     results = []
@@ -398,7 +435,7 @@ def main(argv=None):
         task: {
             batch_size: timing_in_processes(
                 task, batch_size, config["methods"], args.timing_rounds,
-                args.timing_processes)
+                args.timing_processes, args.timing_inputs)
             for batch_size in args.timing_batch_sizes
         }
         for task in args.timing_tasks or config["tasks"]

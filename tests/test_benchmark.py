@@ -6,6 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from keras_bnp import benchmark
+from keras_bnp import data
 
 COMMAND = [
     sys.executable, "-m", "keras_bnp.benchmark", "--methods", "bnp",
@@ -34,6 +38,7 @@ def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
         assert set(times) == {"sgd", "bnp", "batchnorm"}
         assert all(v["train"] > 0 for v in times.values())
     report = (out / "report.md").read_text()
+    assert "One fixed batch of bundled MNIST digits." in report
     # bnp's ratio to SGD: the median of the two processes' ratios, and range.
     cost = report.split("cost per step, batch size 16")[1]
     row = next(line for line in cost.splitlines()
@@ -74,7 +79,7 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "keras_bnp.benchmark",
                           "--help"], check=True, capture_output=True,
                          text=True, env=ENV, timeout=120).stdout
-    assert "--full" in out and "--data" in out
+    assert "--full" in out and "--data" in out and "--timing-inputs" in out
 
 
 def test_bad_timing_processes_is_a_usage_error():
@@ -82,3 +87,18 @@ def test_bad_timing_processes_is_a_usage_error():
                          capture_output=True, text=True, env=ENV, timeout=120)
     assert run.returncode == 2
     assert "--timing-processes: must be at least 1, got 0" in run.stderr
+
+
+@pytest.mark.parametrize("task, shape", [("mlp", (784,)), ("cnn", (28, 28, 1))])
+def test_timing_batch_is_real_digits_or_noise(task, shape):
+    (digits, labels), _ = data.load_mnist()
+    x, y = benchmark.timing_batch(task, 8001)  # one more than the sample
+    assert x.shape == (8001, *shape)
+    np.testing.assert_array_equal(x[:8000].reshape(digits.shape), digits)
+    np.testing.assert_array_equal(x[8000].reshape(28, 28), digits[0])
+    np.testing.assert_array_equal(y[:8000], labels)
+    x, y = benchmark.timing_batch(task, 64, "noise")
+    assert x.shape == (64, *shape) and 0 <= x.min() and x.max() < 1
+    assert 0.4 < x.mean() < 0.6 and set(y) <= set(range(10))
+    with pytest.raises(ValueError, match="one of .*Received: inputs='mnist'"):
+        benchmark.timing_batch(task, 4, "mnist")

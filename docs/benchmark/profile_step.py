@@ -1,7 +1,9 @@
 """Profiles one model's training step with the TensorFlow profiler and
 prints the time per step of each op and XLA thunk, summed over threads.
 
-    python docs/benchmark/profile_step.py mlp 32 bnp [steps]
+    python docs/benchmark/profile_step.py mlp 32 bnp [steps] [digits|noise]
+
+On the fixed batch of the benchmark's cost table (`benchmark.timing_batch`).
 """
 
 import collections
@@ -9,7 +11,6 @@ import glob
 import sys
 import tempfile
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -18,9 +19,8 @@ from keras_bnp import experiment
 
 task, batch_size, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 500
-x = np.random.default_rng(0).uniform(
-    size=(batch_size, *experiment.input_shape(task))).astype("float32")
-y = np.arange(batch_size) % 10
+inputs = sys.argv[5] if len(sys.argv) > 5 else "digits"
+x, y = benchmark.timing_batch(task, batch_size, inputs)
 model = experiment.compiled_model(method, 1e-3, task=task)
 model.fit(x, y, batch_size=batch_size, verbose=0)
 train, _ = benchmark._step_loops(model, x, y, False)
