@@ -68,13 +68,15 @@ def test_large_offset_keeps_variance_accurate(shape, running_variance):
     assert abs(float(raw_variance[0]) - want.var()) > 0.1 * want.var()
 
 
+@pytest.mark.parametrize("shape", [(4, 2), (2, 2, 1, 2)])
 @pytest.mark.parametrize("shift", [-1.0, 0.0, 1.0])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])
-def test_raw_sums_of_non_finite_inputs_are_non_finite(bad, shift):
+def test_raw_sums_of_non_finite_inputs_are_non_finite(bad, shift, shape):
     # The optimizer skips a batch whose sum of squares is not finite; the
-    # raw-sum path must keep that so (Inf - Inf is NaN, also non-finite).
-    x = np.ones((4, 2), np.float32)
-    x[1, 0] = bad
+    # raw-sum path must keep that so (Inf - Inf is NaN, also non-finite),
+    # for Dense inputs and for convolution inputs (summed as a norm).
+    x = np.ones(shape, np.float32)
+    x[(1,) + (0,) * (len(shape) - 1)] = bad
     _, _, square_sum = statistics.input_sums(
         tf.constant(x), -1, tf.constant([shift, shift]), tf.constant(1e3))
     assert not np.isfinite(square_sum[0]) and np.isfinite(square_sum[1])
