@@ -128,7 +128,8 @@ def _step_loops(model, x, y, jit_compile):
             lambda steps: infer(tf.constant(steps)).numpy())
 
 
-TIMING_INPUTS = ("digits", "noise")
+# The fixed batch of the cost table, by name.
+TIMING_INPUTS = {"digits": "bundled MNIST digits", "noise": "uniform noise"}
 
 
 def timing_batch(task, batch_size, inputs="digits", seed=0):
@@ -148,8 +149,8 @@ def timing_batch(task, batch_size, inputs="digits", seed=0):
         x = rng.uniform(size=(batch_size, 28, 28)).astype("float32")
         y = rng.integers(0, 10, size=batch_size)
     else:
-        raise ValueError(f"Argument `inputs` must be one of {TIMING_INPUTS}. "
-                         f"Received: inputs={inputs!r}")
+        raise ValueError(f"Argument `inputs` must be one of "
+                         f"{list(TIMING_INPUTS)}. Received: inputs={inputs!r}")
     return x.reshape((batch_size, *experiment.input_shape(task))), y
 
 
@@ -282,11 +283,8 @@ def report(config, results, timings, target, command):
             lines += [
                 f"## {task.upper()}: cost per step, batch size {batch_size}",
                 "",
-                "One fixed batch of "
-                + {"digits": "bundled MNIST digits",
-                   "noise": "uniform noise"}[config["timing_inputs"]]
-                + f". Each of {len(runs)} process(es) interleaves the "
-                "methods; "
+                f"One fixed batch of {TIMING_INPUTS[config['timing_inputs']]}"
+                f". Each of {len(runs)} process(es) interleaves the methods; "
                 "times and ratios to SGD are per-process medians, then the "
                 "median over processes (range in brackets). Inference is "
                 "compared with the plain model of the same architecture "
@@ -403,7 +401,7 @@ def main(argv=None):
                         default=1,
                         help="repeat the cost table in this many fresh "
                         "processes and report the median and range")
-    parser.add_argument("--timing-inputs", choices=TIMING_INPUTS,
+    parser.add_argument("--timing-inputs", choices=list(TIMING_INPUTS),
                         default="digits",
                         help="the fixed batch of the cost table: bundled "
                         "MNIST digits, or uniform noise")
