@@ -12,6 +12,9 @@ of `E[x^2] - E[x]^2` in float32 when `|mean| >> std`.
 
 import tensorflow as tf
 
+# What tf.function itself uses to know that it traces for XLA.
+from tensorflow.python.ops import control_flow_util
+
 # `input_sums` may skip centring when every channel's running mean is within
 # this factor of its running variance: shift^2 <= RAW_SUMS_MAX_RATIO * var.
 RAW_SUMS_MAX_RATIO = 16.0
@@ -75,9 +78,13 @@ def _sum_of_squares(x, axes):
     about one rounding). For a batch of vectors, as square then sum: on CPU,
     TensorFlow's `EuclideanNorm` starts using several threads at a smaller
     size than `Sum`, which was slower for Dense inputs such as `(128, 784)`
-    (measured on 2 cores; see docs/benchmarks.md).
+    (measured on 2 cores; see docs/benchmarks.md). Also as square then sum
+    in a step compiled with XLA (`jit_compile=True`), which fuses them and
+    has no `EuclideanNorm` kernel.
     """
-    if x.shape.rank == 2:
+    in_xla = control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+    if x.shape.rank == 2 or in_xla:
         return tf.reduce_sum(tf.square(x), axis=axes)
     return tf.square(tf.math.reduce_euclidean_norm(x, axis=axes))
 

@@ -50,6 +50,36 @@ def test_statistics_of_every_layer_match_numpy(
     assert not any("call" in layer.__dict__ for layer in references)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_convolution_statistics_in_fit_match_numpy(jit_compile):
+    # The convolution input sums (a squared norm, and a centring choice per
+    # step) inside a compiled training step, also when XLA compiles it all.
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(4, 3, activation="relu")
+    dense = keras.layers.Dense(OUT)
+    model = keras_bnp.BNPSequential(
+        [keras.Input((6, 6, 3)), conv, keras.layers.Flatten(), dense])
+    beta = 0.9
+    model.compile(
+        optimizer=keras_bnp.BNP(0.0, momentum=0.0, statistics_momentum=beta),
+        loss=logits_loss(), jit_compile=jit_compile)
+    x = shifted_inputs(np.random.default_rng(1), (24, 6, 6, 3))
+    model.fit(x, Y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    references = {
+        conv: _reference.RawMomentStatistics(3, beta),
+        dense: _reference.RawMomentStatistics(4 * 4 * 4, beta),
+    }
+    for start in range(0, 24, 8):
+        batch = x[start : start + 8]
+        references[conv].update([batch], -1)
+        hidden = keras.ops.convert_to_numpy(conv(batch)).reshape(8, -1)
+        references[dense].update([hidden], -1)
+    for layer, reference in references.items():
+        mean, variance = model.optimizer.layer_statistics(layer)
+        assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
+        assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-4)
+
+
 def test_zero_momentum_full_batch_gives_batch_mean_and_population_variance():
     model = mlp(inputs=IN, outputs=OUT)
     model.compile(optimizer=keras_bnp.BNP(statistics_momentum=0.0),
