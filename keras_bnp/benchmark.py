@@ -146,7 +146,8 @@ def timing_batch(task, batch_size, inputs="digits", seed=0):
         x, y = x[index], y[index]
     elif inputs == "noise":
         rng = np.random.default_rng(seed)
-        x = rng.uniform(size=(batch_size, 28, 28)).astype("float32")
+        x = rng.uniform(size=(batch_size, *experiment.input_shape(task)))
+        x = x.astype("float32")
         y = rng.integers(0, 10, size=batch_size)
     else:
         raise ValueError(f"Argument `inputs` must be one of "
