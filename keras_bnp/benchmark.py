@@ -128,6 +128,12 @@ def _step_loops(model, x, y, jit_compile):
             lambda steps: infer(tf.constant(steps)).numpy())
 
 
+# How the cost table's steps run, by `jit_compile`.
+STEP_COMPILATION = {
+    False: "in a TensorFlow graph (what `fit` runs on CPU by default)",
+    True: "compiled whole with XLA (`jit_compile=True`, what `fit` picks "
+          "on a GPU)",
+}
 # The fixed batch of the cost table, by name.
 TIMING_INPUTS = {"digits": "bundled MNIST digits", "noise": "uniform noise"}
 
@@ -182,13 +188,14 @@ def timing(task, batch_size, methods, rounds=5, seed=0, jit_compile=False,
 
 
 def timing_in_processes(task, batch_size, methods, rounds=5, processes=1,
-                        inputs="digits"):
+                        inputs="digits", jit_compile=False):
     """`timing` in `processes` fresh processes, one after another (a list of
     their results): how fast a model runs varies more between processes
     (memory layout, thread placement) than between rounds of one. With one
     process, runs in this one."""
+    options = dict(inputs=inputs, jit_compile=jit_compile)
     if processes == 1:
-        return [timing(task, batch_size, methods, rounds, inputs=inputs)]
+        return [timing(task, batch_size, methods, rounds, **options)]
     context = multiprocessing.get_context("spawn")
     results = []
     for _ in range(processes):
@@ -196,7 +203,7 @@ def timing_in_processes(task, batch_size, methods, rounds=5, processes=1,
                 1, mp_context=context) as pool:
             results.append(pool.submit(
                 timing, task, batch_size, methods, rounds,
-                inputs=inputs).result())
+                **options).result())
     return results
 
 
@@ -285,6 +292,7 @@ def report(config, results, timings, target, command):
                 f"## {task.upper()}: cost per step, batch size {batch_size}",
                 "",
                 f"One fixed batch of {TIMING_INPUTS[config['timing_inputs']]}"
+                f", steps {STEP_COMPILATION[config['timing_jit_compile']]}"
                 f". Each of {len(runs)} process(es) interleaves the methods; "
                 "times and ratios to SGD are per-process medians, then the "
                 "median over processes (range in brackets). Inference is "
@@ -406,6 +414,9 @@ def main(argv=None):
                         default="digits",
                         help="the fixed batch of the cost table: bundled "
                         "MNIST digits, or uniform noise")
+    parser.add_argument("--timing-jit-compile", action="store_true",
+                        help="time steps compiled whole with XLA "
+                        "(jit_compile=True) instead of graph steps")
     parser.add_argument("--out-dir", default="benchmark_out")
     args = parser.parse_args(argv)
 
@@ -418,6 +429,7 @@ def main(argv=None):
         config["methods"].insert(0, "sgd")  # the reference of every ratio
     config["source"] = args.source
     config["timing_inputs"] = args.timing_inputs
+    config["timing_jit_compile"] = args.timing_jit_compile
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
     results = []
@@ -434,7 +446,8 @@ def main(argv=None):
         task: {
             batch_size: timing_in_processes(
                 task, batch_size, config["methods"], args.timing_rounds,
-                args.timing_processes, args.timing_inputs)
+                args.timing_processes, args.timing_inputs,
+                args.timing_jit_compile)
             for batch_size in args.timing_batch_sizes
         }
         for task in args.timing_tasks or config["tasks"]

@@ -38,7 +38,8 @@ def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
         assert set(times) == {"sgd", "bnp", "batchnorm"}
         assert all(v["train"] > 0 for v in times.values())
     report = (out / "report.md").read_text()
-    assert "One fixed batch of bundled MNIST digits." in report
+    assert ("One fixed batch of bundled MNIST digits, steps in a TensorFlow "
+            "graph (what `fit` runs on CPU by default)." in report)
     # bnp's ratio to SGD: the median of the two processes' ratios, and range.
     cost = report.split("cost per step, batch size 16")[1]
     row = next(line for line in cost.splitlines()
@@ -53,12 +54,18 @@ def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
     assert "--train-size 200" in report
     for name in ("mlp_accuracy.png", "mlp_loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A second call resumes: nothing left to train.
-    again = subprocess.run(COMMAND + ["--out-dir", str(out)], check=True,
-                           capture_output=True, text=True, env=ENV,
-                           timeout=600)
+    # A second call resumes: nothing left to train; it times steps
+    # compiled whole with XLA.
+    again = subprocess.run(
+        COMMAND + ["--timing-jit-compile", "--out-dir", str(out)],
+        check=True, capture_output=True, text=True, env=ENV, timeout=600)
     assert "[1/" not in again.stdout
     assert len(json.loads((out / "results.json").read_text())) == 18
+    assert ("steps compiled whole with XLA (`jit_compile=True`, what `fit` "
+            "picks on a GPU)." in (out / "report.md").read_text())
+    processes = json.loads((out / "timing.json").read_text())["mlp"]["16"]
+    assert len(processes) == 1 and set(processes[0]) == {
+        "sgd", "bnp", "batchnorm"}
     # Another budget in the same folder trains anew and reports only its
     # own runs: sgd and bnp x 3 rates at batch size 32, one epoch.
     other = COMMAND[:4] + ["bnp", "--batch-sizes", "32", "--seeds", "0",
@@ -79,7 +86,8 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "keras_bnp.benchmark",
                           "--help"], check=True, capture_output=True,
                          text=True, env=ENV, timeout=120).stdout
-    assert "--full" in out and "--data" in out and "--timing-inputs" in out
+    for flag in ("--full", "--data", "--timing-inputs", "--timing-jit-compile"):
+        assert flag in out
 
 
 def test_bad_timing_processes_is_a_usage_error():
