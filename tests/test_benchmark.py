@@ -10,6 +10,7 @@ import pytest
 
 from keras_bnp import benchmark
 from keras_bnp import data
+from keras_bnp import experiment
 
 COMMAND = [
     sys.executable, "-m", "keras_bnp.benchmark", "--methods", "bnp",
@@ -110,3 +111,14 @@ def test_timing_batch_is_real_digits_or_noise(task, shape):
     assert 0.4 < x.mean() < 0.6 and set(y) <= set(range(10))
     with pytest.raises(ValueError, match="one of .*Received: inputs='mnist'"):
         benchmark.timing_batch(task, 4, "mnist")
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_inference_loop_sums_the_plain_model_outputs(jit_compile):
+    x, y = benchmark.timing_batch("mlp", 8)
+    model = experiment.compiled_model("bnp", 1e-3, task="mlp")
+    model.fit(x, y, batch_size=8, verbose=0)
+    one_call = np.sum(model.predict(x, verbose=0), dtype="float64")
+    _, infer = benchmark._step_loops(model, x, y, jit_compile)
+    # Every call sees the same inputs, however the loop is compiled.
+    np.testing.assert_allclose(infer(4), 4 * one_call, rtol=1e-5)
