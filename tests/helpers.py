@@ -16,6 +16,14 @@ def assert_allclose(actual, desired, atol=1e-6, rtol=1e-6):
     )
 
 
+def assert_statistics_match(optimizer, layer, reference):
+    """`layer`'s running statistics in `optimizer` equal `reference`'s (a
+    `_reference.RawMomentStatistics`), to float32 round-off."""
+    mean, variance = optimizer.layer_statistics(layer)
+    assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
+    assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-4)
+
+
 def shifted_inputs(rng, shape, channel_axis=-1):
     """Inputs whose channels have distinct, non-zero means and scales."""
     channels = shape[channel_axis]

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 from helpers import assert_allclose
+from helpers import assert_statistics_match
 from helpers import logits_loss
 from helpers import mlp
 from helpers import shifted_inputs
@@ -43,9 +44,7 @@ def test_statistics_of_every_layer_match_numpy(
             reference.update(inputs, -1)
     assert len(references) == len(model.optimizer._slots)
     for layer, reference in references.items():
-        mean, variance = model.optimizer.layer_statistics(layer)
-        assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
-        assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-4)
+        assert_statistics_match(model.optimizer, layer, reference)
     # Capture is active only inside training steps.
     assert not any("call" in layer.__dict__ for layer in references)
 
@@ -75,9 +74,7 @@ def test_convolution_statistics_in_fit_match_numpy(jit_compile):
         hidden = keras.ops.convert_to_numpy(conv(batch)).reshape(8, -1)
         references[dense].update([hidden], -1)
     for layer, reference in references.items():
-        mean, variance = model.optimizer.layer_statistics(layer)
-        assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
-        assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-4)
+        assert_statistics_match(model.optimizer, layer, reference)
 
 
 def test_zero_momentum_full_batch_gives_batch_mean_and_population_variance():

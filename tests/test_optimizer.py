@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import assert_allclose
+from helpers import assert_statistics_match
 from helpers import logits_loss
 from helpers import mlp
 from helpers import shifted_inputs
@@ -82,9 +83,7 @@ def test_many_steps_match_numpy_reference(name):
             sgd.update(i, w, g) for i, (w, g) in enumerate(
                 zip(weights, new_grads[: len(weights)]))
         ]
-        mean, variance = optimizer.layer_statistics(layer)
-        assert_allclose(mean, stats.mean, atol=1e-5, rtol=1e-5)
-        assert_allclose(variance, stats.variance, atol=1e-5, rtol=1e-4)
+        assert_statistics_match(optimizer, layer, stats)
     for actual, want in zip(layer.trainable_weights, weights):
         # float32 round-off, relative to the weights' magnitude after 40
         # amplified steps (up to ~15 here).
