@@ -20,7 +20,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "data": ["tensorflow-datasets"],
+        # tensorflow-datasets 4.9.x imports importlib_resources on every
+        # Python but declares it only below 3.9 (tensorflow/datasets#11212):
+        # without it, loading MNIST fails with ModuleNotFoundError.
+        "data": ["tensorflow-datasets", "importlib_resources"],
         "test": [
             "pytest",
             "hypothesis",
