@@ -27,15 +27,19 @@ def input_sums(inputs, channel_axis, shift, variance=None):
     float32 accuracy; it cancels in `moments_from_sums`. `count` is the
     number of values per channel.
 
-    Without `variance`, the sums are taken of `x - shift`: exact to float32
+    Without `variance`, and always for a batch of vectors (rank 2, as Dense
+    layers see), the sums are taken of `x - shift`: exact to float32
     rounding relative to the spread of `x` around `shift`, however large
-    `|shift|` is. With `variance` (the running variance), and when
+    `|shift|` is. For inputs with spatial axes (convolutions), given
+    `variance` (the running variance), and when
     `shift^2 <= RAW_SUMS_MAX_RATIO * variance` in every channel, they are
     derived from `sum(x)` and `sum(x^2)` instead, which skips writing the
     centred copy of the input (about half the time on CPU). Then the
     rounding error of the variance, relative to `variance`, grows from about
     `a^2` to at most about `(a + 4)^2` roundings, where
     `a^2 = mean((x - shift)^2) / variance` (about 1 for a typical batch).
+    A batch of vectors is small enough that the conditional choosing the
+    path costs more than the copy it saves (see docs/benchmarks.md).
     A non-finite input gives a non-finite sum of squares either way.
     """
     inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
@@ -64,7 +68,7 @@ def input_sums(inputs, channel_axis, shift, variance=None):
         return (total - count * shift,
                 square_total - shift * (2.0 * total - count * shift))
 
-    if variance is None:
+    if variance is None or rank == 2:
         return (count, *centred_sums())
     centre = tf.reduce_any(tf.square(shift) > RAW_SUMS_MAX_RATIO * variance)
     return (count, *tf.cond(centre, centred_sums, raw_sums))
