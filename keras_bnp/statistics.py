@@ -27,19 +27,19 @@ def input_sums(inputs, channel_axis, shift, variance=None):
     float32 accuracy; it cancels in `moments_from_sums`. `count` is the
     number of values per channel.
 
-    Without `variance`, and always for a batch of vectors (rank 2, as Dense
-    layers see), the sums are taken of `x - shift`: exact to float32
+    Without `variance`, and for a batch of vectors (rank 2, as Dense layers
+    see) outside XLA, the sums are taken of `x - shift`: exact to float32
     rounding relative to the spread of `x` around `shift`, however large
-    `|shift|` is. For inputs with spatial axes (convolutions), given
-    `variance` (the running variance), and when
-    `shift^2 <= RAW_SUMS_MAX_RATIO * variance` in every channel, they are
-    derived from `sum(x)` and `sum(x^2)` instead, which skips writing the
+    `|shift|` is. Otherwise, given `variance` (the running variance) and
+    when `shift^2 <= RAW_SUMS_MAX_RATIO * variance` in every channel, they
+    are derived from `sum(x)` and `sum(x^2)` instead, which skips writing the
     centred copy of the input (about half the time on CPU). Then the
     rounding error of the variance, relative to `variance`, grows from about
     `a^2` to at most about `(a + 4)^2` roundings, where
     `a^2 = mean((x - shift)^2) / variance` (about 1 for a typical batch).
-    A batch of vectors is small enough that the conditional choosing the
-    path costs more than the copy it saves (see docs/benchmarks.md).
+    For a batch of vectors in a TensorFlow graph, the conditional choosing
+    the path costs more than the copy it saves; in a step compiled with
+    XLA it does not (both measured on CPU, see docs/benchmarks.md).
     A non-finite input gives a non-finite sum of squares either way.
     """
     inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
@@ -68,7 +68,7 @@ def input_sums(inputs, channel_axis, shift, variance=None):
         return (total - count * shift,
                 square_total - shift * (2.0 * total - count * shift))
 
-    if variance is None or rank == 2:
+    if variance is None or (rank == 2 and not _in_xla()):
         return (count, *centred_sums())
     centre = tf.reduce_any(tf.square(shift) > RAW_SUMS_MAX_RATIO * variance)
     return (count, *tf.cond(centre, centred_sums, raw_sums))
@@ -86,11 +86,15 @@ def _sum_of_squares(x, axes):
     in a step compiled with XLA (`jit_compile=True`), which fuses them and
     has no `EuclideanNorm` kernel.
     """
-    in_xla = control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph())
-    if x.shape.rank == 2 or in_xla:
+    if x.shape.rank == 2 or _in_xla():
         return tf.reduce_sum(tf.square(x), axis=axes)
     return tf.square(tf.math.reduce_euclidean_norm(x, axis=axes))
+
+
+def _in_xla():
+    """Whether ops are being traced for XLA (`jit_compile=True`)."""
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
 
 
 def moments_from_sums(count, centred_sum, centred_square_sum, shift):

@@ -8,30 +8,40 @@ from keras_bnp import _reference
 from keras_bnp import statistics
 
 
-def _moments(inputs, channel_axis, shift, variance=None):
-    sums = [statistics.input_sums(tf.constant(x), channel_axis, shift,
-                                  variance)
-            for x in inputs]
-    count, s1, s2 = (tf.add_n(list(p)) for p in zip(*sums))
-    return count, statistics.moments_from_sums(count, s1, s2, shift)
+def _moments(inputs, channel_axis, shift, variance=None, jit_compile=None):
+    """Pooled moments through `input_sums`: eagerly, or in a function
+    compiled with XLA (`jit_compile=True`) as in a jit-compiled step."""
+
+    def moments(inputs):
+        sums = [statistics.input_sums(x, channel_axis, shift, variance)
+                for x in inputs]
+        count, s1, s2 = (tf.add_n(list(p)) for p in zip(*sums))
+        return count, statistics.moments_from_sums(count, s1, s2, shift)
+
+    if jit_compile:
+        moments = tf.function(moments, jit_compile=True)
+    return moments([tf.constant(x) for x in inputs])
 
 
-# A running variance of 1e3 makes `input_sums` use raw sums here for inputs
-# with spatial axes (every shift^2 < 16e3); None, and rank-2 inputs, always
-# centre.
+# A running variance of 1e3 makes `input_sums` use raw sums here (every
+# shift^2 < 16e3) for inputs with spatial axes, and for rank-2 inputs under
+# XLA; None always centres.
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("running_variance", [None, 1e3])
 @pytest.mark.parametrize(
     "shape, channel_axis",
     [((7, 3), -1), ((2, 5, 4), -1), ((2, 3, 4, 5), -1), ((2, 3, 4, 5), 1),
      ((2, 3, 2, 2, 2), 1)],
 )
-def test_pooled_moments_match_numpy(shape, channel_axis, running_variance):
+def test_pooled_moments_match_numpy(
+    shape, channel_axis, running_variance, jit_compile
+):
     rng = np.random.default_rng(0)
     inputs = [shifted_inputs(rng, shape, channel_axis) for _ in range(2)]
     channels = shape[channel_axis]
     shift = tf.constant(rng.normal(size=channels), tf.float32)
     count, (mean, variance) = _moments(inputs, channel_axis, shift,
-                                       running_variance)
+                                       running_variance, jit_compile)
     want_mean, want_variance = _reference.batch_moments(inputs, channel_axis)
     assert float(count) == 2 * np.prod(shape) / channels
     assert_allclose(mean, want_mean, atol=1e-5, rtol=1e-5)
@@ -49,9 +59,12 @@ def test_float16_inputs_are_reduced_in_float32():
     assert float(s1[0]) == 4097.0 and float(s2[0]) == 4097.0
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("running_variance", [None, 0.01])
 @pytest.mark.parametrize("shape", [(512, 1), (8, 8, 8, 1)])
-def test_large_offset_keeps_variance_accurate(shape, running_variance):
+def test_large_offset_keeps_variance_accurate(
+    shape, running_variance, jit_compile
+):
     # mean 1000, std 0.1: E[x^2] - E[x]^2 in float32 loses the variance
     # (float32 spacing at 1e6 is 0.0625); shifting by the running mean keeps
     # it, for dense and convolution inputs. With the running variance 0.01,
@@ -59,16 +72,17 @@ def test_large_offset_keeps_variance_accurate(shape, running_variance):
     rng = np.random.default_rng(0)
     x = (1000.0 + 0.1 * rng.normal(size=shape)).astype("float32")
     shift = tf.constant([999.9])
-    _, (mean, variance) = _moments([x], -1, shift, running_variance)
+    _, (mean, variance) = _moments([x], -1, shift, running_variance,
+                                   jit_compile)
     want = x.reshape(-1, 1).astype("float64")
     assert_allclose(variance, want.var(0), rtol=1e-3, atol=0)
     assert_allclose(mean, want.mean(0), rtol=1e-6, atol=0)
-    # A running variance of 1e6 allows raw sums for convolution inputs,
-    # which lose it (the reason for the switch); a batch of vectors is
-    # always centred, so it keeps it.
-    _, (_, loose_variance) = _moments([x], -1, shift, 1e6)
+    # A running variance of 1e6 allows raw sums, which lose it (the reason
+    # for the switch); outside XLA a batch of vectors is always centred,
+    # so it keeps it.
+    _, (_, loose_variance) = _moments([x], -1, shift, 1e6, jit_compile)
     error = abs(float(loose_variance[0]) - want.var())
-    if len(shape) == 2:
+    if len(shape) == 2 and not jit_compile:
         assert error < 1e-3 * want.var()
     else:
         assert error > 0.1 * want.var()
