@@ -8,7 +8,7 @@ from keras_bnp import _reference
 from keras_bnp import statistics
 
 
-def _moments(inputs, channel_axis, shift, variance=None, jit_compile=None):
+def _moments(inputs, channel_axis, shift, variance=None, jit_compile=False):
     """Pooled moments through `input_sums`: eagerly, or in a function
     compiled with XLA (`jit_compile=True`) as in a jit-compiled step."""
 
@@ -91,16 +91,25 @@ def test_large_offset_keeps_variance_accurate(
 @pytest.mark.parametrize("shape", [(4, 2), (2, 2, 1, 2)])
 @pytest.mark.parametrize("shift", [-1.0, 0.0, 1.0])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])
-def test_sums_of_non_finite_inputs_are_non_finite(bad, shift, shape):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_sums_of_non_finite_inputs_are_non_finite(
+    jit_compile, bad, shift, shape
+):
     # The optimizer skips a batch whose sum of squares is not finite; both
-    # paths must keep that so: the centred one of Dense inputs, and the raw
-    # one of convolution inputs (summed as a norm; Inf - Inf is NaN, also
-    # non-finite).
+    # paths must keep that so: the centred one (Dense inputs in a graph)
+    # and the raw one (convolution inputs, summed as a norm, and under XLA
+    # every input; Inf - Inf is NaN, also non-finite).
     x = np.ones(shape, np.float32)
     x[(1,) + (0,) * (len(shape) - 1)] = bad
-    _, _, square_sum = statistics.input_sums(
-        tf.constant(x), -1, tf.constant([shift, shift]), tf.constant(1e3))
-    assert not np.isfinite(square_sum[0]) and np.isfinite(square_sum[1])
+
+    def square_sum(x):
+        return statistics.input_sums(
+            x, -1, tf.constant([shift, shift]), tf.constant(1e3))[2]
+
+    if jit_compile:
+        square_sum = tf.function(square_sum, jit_compile=True)
+    total = square_sum(tf.constant(x)).numpy()
+    assert not np.isfinite(total[0]) and np.isfinite(total[1])
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0, 4, 4, 3), (1, 1, 3)])
