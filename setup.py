@@ -1,6 +1,11 @@
 from setuptools import find_packages
 from setuptools import setup
 
+# tensorflow-datasets 4.9.x imports importlib_resources on every Python but
+# declares it only below 3.9 (tensorflow/datasets#11212): without it, loading
+# MNIST fails with ModuleNotFoundError.
+DATA = ["tensorflow-datasets", "importlib_resources"]
+
 setup(
     name="keras-bnp",
     version="0.1.0",
@@ -20,11 +25,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        # tensorflow-datasets 4.9.x imports importlib_resources on every
-        # Python but declares it only below 3.9 (tensorflow/datasets#11212):
-        # without it, loading MNIST fails with ModuleNotFoundError.
-        "data": ["tensorflow-datasets", "importlib_resources"],
-        "test": [
+        "data": DATA,
+        "test": DATA + [
             "pytest",
             "hypothesis",
             "tensorboard",

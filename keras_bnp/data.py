@@ -54,10 +54,14 @@ def _tfds_arrays(name):
             "Loading through tensorflow_datasets needs it installed: "
             "`pip install keras-bnp[data]`."
         ) from None
-    train, test = tfds.as_numpy(
-        tfds.load(name, split=["train", "test"], batch_size=-1)
-    )
-    return [train["image"], train["label"], test["image"], test["label"]]
+    arrays = []
+    for split in tfds.load(name, split=["train", "test"]):
+        # Batches, not `batch_size=-1`, whose single batch is sized by the
+        # dataset's recorded example count.
+        batches = list(tfds.as_numpy(split.batch(10_000)))
+        arrays += [np.concatenate([batch[key] for batch in batches])
+                   for key in ("image", "label")]
+    return arrays
 
 
 def _scaled(x_train, y_train, x_test, y_test):

@@ -2,7 +2,8 @@
 
 CIFAR-10 itself comes only through tensorflow_datasets, which needs the
 internet (not available where these tests run), so the CNN for it is
-trained here on random images of its shape.
+trained here on random images of its shape (and `test_tfds.py` runs the
+tfds path on tfds' mock data).
 """
 
 import keras
