@@ -352,7 +352,11 @@ class BNP(keras.optimizers.Optimizer):
                     tf.convert_to_tensor(slot.moving_variance),
                     tf.convert_to_tensor(slot.moving_count),
                     *layer_sums,
-                    *(None if i is None else grads[i] for i in pair),
+                    # A Dense kernel's gradient for sparse inputs has no
+                    # static shape; XLA compiles `ensure_shape` away.
+                    *(None if i is None or grads[i] is None else
+                      tf.ensure_shape(grads[i], trainable_variables[i].shape)
+                      for i in pair),
                     momentum=self.statistics_momentum, epsilon=self.epsilon,
                     groups=slot.groups,
                 )

@@ -41,7 +41,11 @@ def input_sums(inputs, channel_axis, shift, variance=None):
     the path costs more than the copy it saves; in a step compiled with
     XLA it does not (both measured on CPU, see docs/benchmarks.md).
     A non-finite input gives a non-finite sum of squares either way.
+    A `tf.SparseTensor` (a Dense layer's sparse input) counts its implicit
+    zeros as values; its sums are exact, from the stored values only.
     """
+    if isinstance(inputs, tf.SparseTensor):
+        return _sparse_sums(inputs, channel_axis, shift)
     inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
     rank = inputs.shape.rank
     channel_axis %= rank
@@ -72,6 +76,23 @@ def input_sums(inputs, channel_axis, shift, variance=None):
         return (count, *centred_sums())
     centre = tf.reduce_any(tf.square(shift) > RAW_SUMS_MAX_RATIO * variance)
     return (count, *tf.cond(centre, centred_sums, raw_sums))
+
+
+def _sparse_sums(inputs, channel_axis, shift):
+    """`input_sums` of a sparse tensor (without repeated indices): the
+    stored values' centred sums, plus `-shift` and `shift^2` once for each
+    implicit zero of the channel."""
+    shape = tf.cast(inputs.dense_shape, tf.float32)
+    count = tf.reduce_prod(shape) / shape[channel_axis]
+    channels = inputs.indices[:, channel_axis]
+    centred = tf.cast(tf.stop_gradient(inputs.values), tf.float32) - tf.gather(
+        shift, channels)
+    per_channel = lambda values: tf.math.unsorted_segment_sum(  # noqa: E731
+        values, channels, tf.shape(shift)[0])
+    zeros = count - per_channel(tf.ones_like(centred))
+    return (count,
+            per_channel(centred) - zeros * shift,
+            per_channel(tf.square(centred)) + zeros * tf.square(shift))
 
 
 def _sum_of_squares(x, axes):

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import assert_allclose
 from helpers import assert_statistics_match
 from helpers import logits_loss
@@ -156,6 +157,33 @@ def test_class_weight_is_applied():
     unweighted = loss_of(keras.Sequential, keras.optimizers.SGD(0.0), None)
     assert bnp == pytest.approx(plain, abs=1e-6)
     assert abs(bnp - unweighted) > 1e-3
+
+
+def test_sparse_inputs_train_as_their_dense_version():
+    # A Dense layer on sparse inputs computes what it computes on the dense
+    # tensor, so BNP must take the same steps and keep the same statistics.
+    rng = np.random.default_rng(0)
+    x = np.where(rng.uniform(size=(24, IN)) < 0.3,
+                 rng.normal(size=(24, IN)) + 2.0, 0.0).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, Y)).batch(8)
+    models = []
+    for sparse in (False, True):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((IN,), sparse=sparse)
+        hidden = keras.layers.Dense(6, activation="relu")(inputs)
+        model = keras_bnp.BNPModel(inputs, keras.layers.Dense(OUT)(hidden))
+        model.compile(optimizer=keras_bnp.BNP(0.05), loss=logits_loss())
+        model.fit(dataset.map(lambda a, b: (tf.sparse.from_dense(a), b))
+                  if sparse else dataset, epochs=2, shuffle=False, verbose=0)
+        models.append(model)
+    dense, sparse = models
+    for a, b in zip(dense.weights, sparse.weights):
+        assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    stats = _reference.RawMomentStatistics(IN, 0.99)
+    for _ in range(2):
+        for start in range(0, 24, 8):
+            stats.update([x[start:start + 8]], -1)
+    assert_statistics_match(sparse.optimizer, sparse.layers[1], stats)
 
 
 def test_callbacks_change_the_inner_learning_rate():

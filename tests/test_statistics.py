@@ -201,3 +201,34 @@ def test_first_update_and_zero_momentum_return_the_batch():
         assert_allclose(variance, batch_variance)
 
 
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 4)])
+def test_sparse_inputs_count_their_implicit_zeros(shape):
+    # A Dense layer's sparse input is the dense tensor with its zeros: the
+    # sums must equal those of the dense tensor, also with a stored zero, a
+    # channel with no stored value, and a shift far from the values (the
+    # zeros contribute -shift and shift^2 each, exactly).
+    rng = np.random.default_rng(0)
+    x = np.where(rng.uniform(size=shape) < 0.4,
+                 rng.normal(size=shape) + 3.0, 0.0).astype("float32")
+    x[..., 3] = 0.0  # no stored value in channel 3
+    sparse = tf.sparse.from_dense(x)
+    stored_zero = tf.sparse.SparseTensor(  # channel 2's zero, stored
+        [(0,) * (len(shape) - 1) + (2,)], [0.0], shape)
+    sparse = tf.sparse.reorder(tf.sparse.add(sparse, stored_zero))
+    assert sparse.values.shape[0] == np.count_nonzero(x) + (
+        x[(0,) * (len(shape) - 1) + (2,)] == 0)
+    shift = np.array([0.5, -2.0, 100.0, 1.0], np.float32)
+    count, s1, s2 = statistics.input_sums(sparse, -1, tf.constant(shift))
+    deviation = x.reshape(-1, 4).astype("float64") - shift
+    assert float(count) == deviation.shape[0]
+    assert_allclose(s1, deviation.sum(0), atol=1e-5, rtol=1e-6)
+    assert_allclose(s2, (deviation**2).sum(0), atol=1e-5, rtol=1e-6)
+    # A non-finite stored value makes its channel's sum of squares so.
+    bad = tf.sparse.SparseTensor(sparse.indices, tf.tensor_scatter_nd_update(
+        sparse.values, [[0]], [np.nan]), sparse.dense_shape)
+    channel = int(sparse.indices[0, -1])
+    total = statistics.input_sums(bad, -1, tf.constant(shift))[2].numpy()
+    assert np.isnan(total[channel])
+    assert np.isfinite(np.delete(total, channel)).all()
