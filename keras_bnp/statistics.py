@@ -87,8 +87,11 @@ def _sparse_sums(inputs, channel_axis, shift):
     channels = inputs.indices[:, channel_axis]
     centred = tf.cast(tf.stop_gradient(inputs.values), tf.float32) - tf.gather(
         shift, channels)
-    per_channel = lambda values: tf.math.unsorted_segment_sum(  # noqa: E731
-        values, channels, tf.shape(shift)[0])
+
+    def per_channel(values):
+        return tf.math.unsorted_segment_sum(
+            values, channels, tf.shape(shift)[0])
+
     zeros = count - per_channel(tf.ones_like(centred))
     return (count,
             per_channel(centred) - zeros * shift,
