@@ -544,9 +544,12 @@ class BNP(keras.optimizers.Optimizer):
 
 def _input_sums(inputs, channel_axis, mean, variance):
     """`(count, sum(x - mean), sum((x - mean)^2))` pooled over all of a
-    layer's calls in this step, with its current running statistics."""
+    layer's calls in this step, with its current running statistics,
+    without the positions that a Keras mask on an input leaves out."""
     per_call = [
-        statistics.input_sums(x, channel_axis, mean, variance)
+        # Keras attaches a layer's input mask to the tensor as `_keras_mask`.
+        statistics.input_sums(x, channel_axis, mean, variance,
+                              mask=getattr(x, "_keras_mask", None))
         for x in inputs
     ]
     return [tf.add_n(list(parts)) for parts in zip(*per_call)]

@@ -20,7 +20,7 @@ from tensorflow.python.ops import control_flow_util
 RAW_SUMS_MAX_RATIO = 16.0
 
 
-def input_sums(inputs, channel_axis, shift, variance=None):
+def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
     """Per-channel `(count, sum(x - shift), sum((x - shift)^2))` of `inputs`.
 
     `shift` (shape `(channels,)`, normally the running mean) only improves
@@ -43,6 +43,13 @@ def input_sums(inputs, channel_axis, shift, variance=None):
     A non-finite input gives a non-finite sum of squares either way.
     A `tf.SparseTensor` (a Dense layer's sparse input) counts its implicit
     zeros as values; its sums are exact, from the stored values only.
+
+    `mask` (a Keras mask: boolean, the input's shape without the channel
+    axis, e.g. the padded time steps of sequences) leaves the masked
+    positions out, even non-finite ones: `count` is then the number of
+    unmasked positions, and the sums are of the centred unmasked values. A
+    mask of another rank does not describe the input's positions and is
+    not used.
     """
     if isinstance(inputs, tf.SparseTensor):
         return _sparse_sums(inputs, channel_axis, shift)
@@ -52,6 +59,12 @@ def input_sums(inputs, channel_axis, shift, variance=None):
     broadcast = [1] * rank
     broadcast[channel_axis] = -1
     axes = [axis for axis in range(rank) if axis != channel_axis]
+    if mask is not None and mask.shape.rank == rank - 1:
+        keep = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
+        centred = tf.where(keep, inputs - tf.reshape(shift, broadcast), 0.0)
+        return (tf.reduce_sum(tf.cast(mask, tf.float32)),
+                tf.reduce_sum(centred, axis=axes),
+                _sum_of_squares(centred, axes))
     if inputs.shape.is_fully_defined():  # a constant: no ops in the step
         count = tf.constant(
             inputs.shape.num_elements() / inputs.shape[channel_axis],

@@ -186,6 +186,31 @@ def test_sparse_inputs_train_as_their_dense_version():
     assert_statistics_match(sparse.optimizer, sparse.layers[1], stats)
 
 
+def test_masked_time_steps_are_left_out_of_the_statistics():
+    # Padded sequences behind a Masking layer: the per-step Dense layer's
+    # statistics are those of the real time steps only (learning rate 0
+    # keeps the inputs of every batch known).
+    rng = np.random.default_rng(0)
+    x = shifted_inputs(rng, (24, 6, IN))
+    for row, length in enumerate(rng.integers(1, 7, 24)):
+        x[row, length:] = 0.0  # padding
+    inputs = keras.Input((6, IN))
+    steps = keras.layers.Dense(5, name="per_step")(
+        keras.layers.Masking(0.0)(inputs))
+    outputs = keras.layers.Dense(OUT)(
+        keras.layers.GlobalAveragePooling1D()(steps))
+    model = keras_bnp.BNPModel(inputs, outputs)
+    model.compile(optimizer=keras_bnp.BNP(0.0, statistics_momentum=0.9),
+                  loss=logits_loss())
+    model.fit(x, Y, batch_size=8, shuffle=False, verbose=0)
+    stats = _reference.RawMomentStatistics(IN, 0.9)
+    for start in range(0, 24, 8):
+        batch = x[start:start + 8]
+        stats.update([batch[(batch != 0).any(-1)]], -1)
+    assert_statistics_match(model.optimizer, model.get_layer("per_step"),
+                            stats)
+
+
 def test_callbacks_change_the_inner_learning_rate():
     model = mlp(inputs=IN, outputs=OUT)
     model.compile(optimizer=keras_bnp.BNP(0.1), loss=logits_loss())

@@ -232,3 +232,31 @@ def test_sparse_inputs_count_their_implicit_zeros(shape):
     total = statistics.input_sums(bad, -1, tf.constant(shift))[2].numpy()
     assert np.isnan(total[channel])
     assert np.isfinite(np.delete(total, channel)).all()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+def test_masked_positions_are_left_out(channel_axis, jit_compile):
+    # A Keras mask over (batch, time): the sums are those of the unmasked
+    # positions only; a NaN at a masked position changes nothing.
+    rng = np.random.default_rng(0)
+    shape = (3, 5, 4) if channel_axis == -1 else (3, 4, 5)
+    x = shifted_inputs(rng, shape, channel_axis)
+    mask = rng.uniform(size=(3, 5)) < 0.6
+    mask[0, 0], mask[1, 0] = True, False
+    values = x if channel_axis == -1 else np.swapaxes(x, 1, 2)
+    values[1, 0, 2] = np.nan  # masked
+    x = values if channel_axis == -1 else np.swapaxes(values, 1, 2)
+    shift = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+
+    def sums(x, mask):
+        return statistics.input_sums(x, channel_axis, tf.constant(shift),
+                                     tf.constant(1e3), mask)
+
+    if jit_compile:
+        sums = tf.function(sums, jit_compile=True)
+    count, s1, s2 = sums(tf.constant(x), tf.constant(mask))
+    deviation = values[mask].astype("float64") - shift
+    assert float(count) == mask.sum()
+    assert_allclose(s1, deviation.sum(0), atol=1e-5, rtol=1e-6)
+    assert_allclose(s2, (deviation**2).sum(0), atol=1e-5, rtol=1e-6)
