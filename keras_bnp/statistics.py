@@ -59,13 +59,11 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
     broadcast = [1] * rank
     broadcast[channel_axis] = -1
     axes = [axis for axis in range(rank) if axis != channel_axis]
-    if mask is not None and mask.shape.rank == rank - 1:
-        keep = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
-        centred = tf.where(keep, inputs - tf.reshape(shift, broadcast), 0.0)
-        return (tf.reduce_sum(tf.cast(mask, tf.float32)),
-                tf.reduce_sum(centred, axis=axes),
-                _sum_of_squares(centred, axes))
-    if inputs.shape.is_fully_defined():  # a constant: no ops in the step
+    if mask is not None and mask.shape.rank != rank - 1:
+        mask = None  # not a mask of the input's positions
+    if mask is not None:
+        count = tf.reduce_sum(tf.cast(mask, tf.float32))
+    elif inputs.shape.is_fully_defined():  # a constant: no ops in the step
         count = tf.constant(
             inputs.shape.num_elements() / inputs.shape[channel_axis],
             tf.float32)
@@ -76,6 +74,9 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
 
     def centred_sums():
         centred = inputs - tf.reshape(shift, broadcast)
+        if mask is not None:
+            keep = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
+            centred = tf.where(keep, centred, 0.0)
         return (tf.reduce_sum(centred, axis=axes),
                 _sum_of_squares(centred, axes))
 
@@ -85,7 +86,7 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
         return (total - count * shift,
                 square_total - shift * (2.0 * total - count * shift))
 
-    if variance is None or (rank == 2 and not _in_xla()):
+    if mask is not None or variance is None or (rank == 2 and not _in_xla()):
         return (count, *centred_sums())
     centre = tf.reduce_any(tf.square(shift) > RAW_SUMS_MAX_RATIO * variance)
     return (count, *tf.cond(centre, centred_sums, raw_sums))

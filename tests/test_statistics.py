@@ -8,6 +8,11 @@ from keras_bnp import _reference
 from keras_bnp import statistics
 
 
+def _compiled(function, jit_compile):
+    """`function` itself, or compiled with XLA as in a jit-compiled step."""
+    return tf.function(function, jit_compile=True) if jit_compile else function
+
+
 def _moments(inputs, channel_axis, shift, variance=None, jit_compile=False):
     """Pooled moments through `input_sums`: eagerly, or in a function
     compiled with XLA (`jit_compile=True`) as in a jit-compiled step."""
@@ -18,9 +23,7 @@ def _moments(inputs, channel_axis, shift, variance=None, jit_compile=False):
         count, s1, s2 = (tf.add_n(list(p)) for p in zip(*sums))
         return count, statistics.moments_from_sums(count, s1, s2, shift)
 
-    if jit_compile:
-        moments = tf.function(moments, jit_compile=True)
-    return moments([tf.constant(x) for x in inputs])
+    return _compiled(moments, jit_compile)([tf.constant(x) for x in inputs])
 
 
 # A running variance of 1e3 makes `input_sums` use raw sums here (every
@@ -106,9 +109,7 @@ def test_sums_of_non_finite_inputs_are_non_finite(
         return statistics.input_sums(
             x, -1, tf.constant([shift, shift]), tf.constant(1e3))[2]
 
-    if jit_compile:
-        square_sum = tf.function(square_sum, jit_compile=True)
-    total = square_sum(tf.constant(x)).numpy()
+    total = _compiled(square_sum, jit_compile)(tf.constant(x)).numpy()
     assert not np.isfinite(total[0]) and np.isfinite(total[1])
 
 
@@ -201,8 +202,6 @@ def test_first_update_and_zero_momentum_return_the_batch():
         assert_allclose(variance, batch_variance)
 
 
-
-
 @pytest.mark.parametrize("shape", [(6, 4), (3, 2, 4)])
 def test_sparse_inputs_count_their_implicit_zeros(shape):
     # A Dense layer's sparse input is the dense tensor with its zeros: the
@@ -253,9 +252,8 @@ def test_masked_positions_are_left_out(channel_axis, jit_compile):
         return statistics.input_sums(x, channel_axis, tf.constant(shift),
                                      tf.constant(1e3), mask)
 
-    if jit_compile:
-        sums = tf.function(sums, jit_compile=True)
-    count, s1, s2 = sums(tf.constant(x), tf.constant(mask))
+    count, s1, s2 = _compiled(sums, jit_compile)(tf.constant(x),
+                                                  tf.constant(mask))
     deviation = values[mask].astype("float64") - shift
     assert float(count) == mask.sum()
     assert_allclose(s1, deviation.sum(0), atol=1e-5, rtol=1e-6)
