@@ -19,6 +19,7 @@ from keras_bnp import callbacks  # noqa: E402
 from keras_bnp.model import BNPMixin  # noqa: E402
 from keras_bnp.model import BNPModel  # noqa: E402
 from keras_bnp.model import BNPSequential  # noqa: E402
+from keras_bnp.initialization import scale_to_unit_variance  # noqa: E402
 from keras_bnp.optimizer import BNP  # noqa: E402
 
 __version__ = "0.1.0"
@@ -28,5 +29,6 @@ __all__ = [
     "BNPModel",
     "BNPSequential",
     "callbacks",
+    "scale_to_unit_variance",
     "__version__",
 ]

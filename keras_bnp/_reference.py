@@ -54,6 +54,18 @@ class RawMomentStatistics:
         return np.maximum(self.second / self.count - self.mean**2, 0.0)
 
 
+def damping(mean, variance, epsilon, relative=True):
+    """What BNP adds to each input variance: `epsilon` itself, or, relative,
+    `epsilon` times the mean input variance, at least 1e-6 times the mean
+    input second moment and the smallest normal float32."""
+    if not relative:
+        return epsilon
+    mean_variance = np.mean(variance)
+    second_moment = mean_variance + np.mean(np.square(mean))
+    return max(epsilon * mean_variance, 1e-6 * second_moment,
+               np.finfo(np.float32).tiny)
+
+
 def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     """BNP-preconditioned `(grad_kernel, grad_bias)` by explicit inverses.
 

@@ -45,13 +45,34 @@ FULL = {
     "train_size": 7000,
     "epochs": 3,
 }
+# The deep suite: networks where BatchNorm matters most, without
+# normalization layers unless a method adds them; validation accuracy is
+# measured 8 times during training, against steps and training time.
+DEEP = {
+    "tasks": ["deep_mlp", "vgg", "resnet"],
+    "batch_sizes": [1, 4, 32, 128],
+    "seeds": [0, 1, 2],
+    "train_size": 3000,
+    "epochs": 1,
+    "progress_points": 8,
+    "methods": ["sgd", "batchnorm", "batchrenorm", "layernorm", "groupnorm",
+                "adam", "adamw", "muon", "bnp", "bnp_adam"],
+}
+DEEP_SGD_RATES = (0.003, 0.01, 0.03, 0.1)
+# The methods of the shallow presets.
+SHALLOW_METHODS = ("sgd", "bnp", "batchnorm", "layernorm", "groupnorm",
+                   "adam", "bnp_adam")
 
 
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 
-def learning_rates(method):
-    return ADAM_RATES if "adam" in method else SGD_RATES
+def learning_rates(method, config=None):
+    """The grid a method's learning rate is tuned on."""
+    if "adam" in method or method == "muon":
+        return ADAM_RATES
+    deep = config is not None and config.get("progress_points")
+    return DEEP_SGD_RATES if deep else SGD_RATES
 
 
 def _key(result):
@@ -76,7 +97,7 @@ def sweep(config, results, save, log=print):
         for task in config["tasks"]
         for batch_size in config["batch_sizes"]
         for method in config["methods"]
-        for lr in learning_rates(method)
+        for lr in learning_rates(method, config)
         for seed in config["seeds"]
         if (task, method, batch_size, lr, seed) not in done
     ]
@@ -85,6 +106,7 @@ def sweep(config, results, save, log=print):
             method, batch_size, lr, task=task, seed=seed,
             train_size=config["train_size"], epochs=config["epochs"],
             source=config["source"],
+            progress_points=config.get("progress_points", 0),
         )
         results.append(result)
         save(results)
@@ -243,6 +265,83 @@ def _epochs_to(runs, target):
     return f"{np.mean(reached):.1f} ({len(reached)}/{len(epochs)})"
 
 
+def _step_seconds(timings, task, batch_size, method):
+    """Median seconds per training step from the cost table, or `None`."""
+    runs = timings.get(task, {}).get(batch_size)
+    if not runs or method not in runs[0]:
+        return None
+    return float(np.median([run[method]["train"] for run in runs]))
+
+
+def _progress(runs, step_seconds):
+    """Mean `[steps, seconds, validation accuracy]` over `runs` (which
+    evaluate at the same steps); seconds from the cost table's step time
+    when given, else as measured."""
+    points = np.mean([r["progress"] for r in runs], axis=0)
+    if step_seconds is not None:
+        points[:, 1] = points[:, 0] * step_seconds
+    return points
+
+
+def _to_target(runs, target, step_seconds):
+    """Steps and seconds until the validation accuracy first reached
+    `target`, mean over the runs that reached it (how many did)."""
+    reached = [next(((s, t) for s, t, a in _progress([r], step_seconds)
+                     if a >= target), None) for r in runs]
+    reached = [point for point in reached if point is not None]
+    if not reached:
+        return f"— (0/{len(runs)})"
+    steps, seconds = np.mean(reached, axis=0)
+    return f"{steps:.0f} steps, {seconds:.1f} s ({len(reached)}/{len(runs)})"
+
+
+def _progress_tables(config, results, timings, task):
+    """Markdown tables of one task of a suite with progress points: final
+    validation accuracy at each method's tuned learning rate, and the steps
+    and training time to reach BatchNorm's final validation accuracy."""
+    header = "| method | " + " | ".join(
+        f"bs {b}" for b in config["batch_sizes"]) + " |"
+    rule = "|---" * (len(config["batch_sizes"]) + 1) + "|"
+    accuracy, speed = [header, rule], [header, rule]
+    targets = {}
+    for batch_size in config["batch_sizes"]:
+        runs = _tuned(results, task, "batchnorm", batch_size)
+        targets[batch_size] = np.mean(
+            [r["validation_accuracy"] for r in runs]) if runs else None
+    for method in config["methods"]:
+        cells, time_cells = [], []
+        for batch_size in config["batch_sizes"]:
+            runs = _tuned(results, task, method, batch_size)
+            values = [r["validation_accuracy"] for r in runs]
+            cells.append(
+                f"{np.mean(values):.3f} ± {np.std(values):.3f} "
+                f"(lr {runs[0]['learning_rate']:g})" if runs else "—")
+            target = targets[batch_size]
+            time_cells.append(
+                _to_target(runs, target, _step_seconds(
+                    timings, task, batch_size, method))
+                if runs and target is not None else "—")
+        accuracy.append(f"| {method} | " + " | ".join(cells) + " |")
+        speed.append(f"| {method} | " + " | ".join(time_cells) + " |")
+    target_text = ", ".join(
+        f"bs {b}: {t:.3f}" for b, t in targets.items() if t is not None)
+    return [
+        f"## {task}: validation accuracy at the tuned learning rate", "",
+        *accuracy, "",
+        f"## {task}: training to BatchNorm's final validation accuracy "
+        f"({target_text})", "",
+        "Steps until the validation accuracy (measured "
+        f"{config['progress_points']} times in training) first reached "
+        "it, and their training time: steps times the method's step time "
+        "in the cost table where it has that batch size (so that the load "
+        "of a shared machine counts alike for every method), else as "
+        "measured. Mean over the seeds that reached it (how many did).",
+        "", *speed, "",
+        *(f"![{task}, batch size {b}]({task}_bs{b}_progress.png)"
+          for b in config["batch_sizes"]), "",
+    ]
+
+
 def report(config, results, timings, target, command):
     """The Markdown report."""
     methods = config["methods"]
@@ -261,11 +360,14 @@ def report(config, results, timings, target, command):
         f"{config['train_size']} training images, {config['epochs']} "
         "epochs; learning rate per method and batch size chosen on 1000 "
         "held-out training images from "
-        f"{list(SGD_RATES)} (SGD-based) or {list(ADAM_RATES)} (Adam-based); "
+        f"{list(learning_rates('sgd', config))} (SGD-based) or "
+        f"{list(ADAM_RATES)} (Adam- and Muon-based); "
         f"seeds {config['seeds']}; mean ± standard deviation over seeds.",
         "",
     ]
-    for task in config["tasks"]:
+    for task in config["tasks"] if config.get("progress_points") else []:
+        lines += _progress_tables(config, results, timings, task)
+    for task in [] if config.get("progress_points") else config["tasks"]:
         header = "| method | " + " | ".join(
             f"bs {b}" for b in config["batch_sizes"]) + " |"
         rule = "|---" * (len(config["batch_sizes"]) + 1) + "|"
@@ -364,6 +466,35 @@ def plots(config, results, out_dir):
     return paths
 
 
+def progress_plots(config, results, timings, out_dir):
+    """Validation accuracy against training time (as in `_progress`), per
+    task and batch size, at each method's tuned learning rate (mean over
+    seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task in config["tasks"]:
+        for batch_size in config["batch_sizes"]:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for method in config["methods"]:
+                runs = _tuned(results, task, method, batch_size)
+                if runs:
+                    points = _progress(runs, _step_seconds(
+                        timings, task, batch_size, method))
+                    ax.plot(points[:, 1], points[:, 2], marker=".",
+                            label=method)
+            paths.append(_save(
+                fig, ax,
+                os.path.join(out_dir, f"{task}_bs{batch_size}_progress.png"),
+                "training seconds",
+                "validation accuracy",
+                f"{task}, batch size {batch_size}, tuned learning rates"))
+    return paths
+
+
 def _save(fig, ax, path, xlabel, ylabel, title):
     import matplotlib.pyplot as plt
 
@@ -390,9 +521,12 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help="MLP and CNN, 7000 images, 3 epochs, 5 seeds")
+    parser.add_argument("--deep", action="store_true",
+                        help="the deep suite: 8x256 MLP, VGG-style and "
+                        "ResNet-20-style CNNs, against every baseline, "
+                        "with accuracy against training time")
     parser.add_argument("--tasks", nargs="+", choices=experiment.TASKS)
-    parser.add_argument("--methods", nargs="+", choices=experiment.METHODS,
-                        default=list(experiment.METHODS))
+    parser.add_argument("--methods", nargs="+", choices=experiment.METHODS)
     parser.add_argument("--batch-sizes", nargs="+", type=int)
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--train-size", type=int)
@@ -423,11 +557,13 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="benchmark_out")
     args = parser.parse_args(argv)
 
-    config = dict(FULL if args.full else DEFAULTS)
-    for name in ("tasks", "batch_sizes", "seeds", "train_size", "epochs"):
+    config = dict(DEEP if args.deep else FULL if args.full else DEFAULTS)
+    config.setdefault("methods", list(SHALLOW_METHODS))
+    for name in ("tasks", "batch_sizes", "seeds", "train_size", "epochs",
+                 "methods"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
-    config["methods"] = list(args.methods)
+    config["methods"] = list(config["methods"])
     if "sgd" not in config["methods"]:
         config["methods"].insert(0, "sgd")  # the reference of every ratio
     config["source"] = args.source
@@ -463,7 +599,10 @@ def main(argv=None):
     text = report(config, results, timings, args.target, command.strip())
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
         f.write(text + "\n")
-    plots(config, results, args.out_dir)
+    if config.get("progress_points"):
+        progress_plots(config, results, timings, args.out_dir)
+    else:
+        plots(config, results, args.out_dir)
     print(f"Wrote {args.out_dir}/report.md, results.json, timing.json and "
           "plots.")
 

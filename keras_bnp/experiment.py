@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from keras_bnp import data
-from keras_bnp.model import BNPSequential
+from keras_bnp.model import BNPModel
 from keras_bnp.optimizer import BNP
 
 # method: (optimizer family, normalization layer after each hidden layer)
@@ -36,16 +36,29 @@ METHOD_SPECS = {
     "batchnorm": ("sgd", "batch"),
     "layernorm": ("sgd", "layer"),
     "groupnorm": ("sgd", "group"),
+    "batchrenorm": ("sgd", "renorm"),
     "adam": ("adam", None),
+    "adamw": ("adamw", None),
+    "muon": ("muon", None),
     "bnp_adam": ("bnp_adam", None),
 }
+# BNP's arguments that `run` and the command line can set; `None` keeps
+# BNP's default.
+BNP_OPTIONS = ("epsilon", "statistics_momentum", "relative_epsilon",
+               "initial_scaling")
 METHODS = tuple(METHOD_SPECS)
-TASKS = ("mlp", "cnn")
-# data source -> task -> dataset: offline, both tasks use the bundled MNIST
-# sample; through tensorflow_datasets the CNN trains on CIFAR-10.
+# Shallow tasks: a one-hidden-layer MLP and a 3-conv CNN. Deep tasks: an
+# 8x256 MLP, a VGG-style 8-conv CNN and a ResNet-20-style CNN, all without
+# normalization layers unless a method adds them.
+TASKS = ("mlp", "cnn", "deep_mlp", "vgg", "resnet")
+IMAGE_TASKS = ("cnn", "vgg", "resnet")
+# data source -> task -> dataset: offline, every task uses the bundled MNIST
+# sample; through tensorflow_datasets the MLPs train on MNIST and the CNNs
+# on CIFAR-10.
 DATASETS = {
-    "bundled": {"mlp": "mnist", "cnn": "mnist"},
-    "tfds": {"mlp": "mnist", "cnn": "cifar10"},
+    "bundled": {task: "mnist" for task in TASKS},
+    "tfds": {task: "cifar10" if task in IMAGE_TASKS else "mnist"
+             for task in TASKS},
 }
 IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
@@ -68,7 +81,7 @@ def input_shape(task, dataset="mnist"):
     """The shape of one example as `task`'s model takes it: flattened
     images for the MLP."""
     shape = IMAGE_SHAPES[dataset]
-    return (math.prod(shape),) if task == "mlp" else shape
+    return shape if task in IMAGE_TASKS else (math.prod(shape),)
 
 
 def _normalization(kind):
@@ -76,48 +89,87 @@ def _normalization(kind):
         "batch": keras.layers.BatchNormalization,
         "layer": keras.layers.LayerNormalization,
         "group": lambda: keras.layers.GroupNormalization(groups=4),
+        "renorm": lambda: keras.layers.BatchNormalization(renorm=True),
     }[kind]()
 
 
 def build_model(task, normalization=None, hidden=(128,), seed=0,
                 dataset="mnist"):
-    """A ReLU MLP (on flattened images) or a small CNN for `dataset`'s
-    images, with logits out and an optional normalization layer before every
-    hidden activation."""
-    keras.utils.set_random_seed(seed)
-    if task == "mlp":
-        hidden_layers = [keras.layers.Dense(units) for units in hidden]
-    elif task == "cnn":
-        hidden_layers = [
-            keras.layers.Conv2D(16, 3),
-            keras.layers.Conv2D(32, 3, strides=2),
-            keras.layers.Conv2D(32, 3, strides=2),
-        ]
-    else:
+    """The model of `task` for `dataset`'s images, with logits out, Keras'
+    default initializers, and an optional normalization layer before every
+    hidden activation.
+
+    - `"mlp"`: a ReLU MLP with `hidden` units on flattened images.
+    - `"cnn"`: three 3x3 convolutions (16, 32, 32 filters; the last two with
+      stride 2), then a Dense layer.
+    - `"deep_mlp"`: eight hidden Dense layers of 256 units.
+    - `"vgg"`: eight 3x3 "same" convolutions (16, 16, pool, 32, 32, pool,
+      64 x 4), global average pooling, Dense: a plain deep CNN.
+    - `"resnet"`: a ResNet-20-style CNN: a 16-filter convolution, then three
+      stages (16, 32, 64 filters) of three residual blocks of two 3x3
+      convolutions (a strided 1x1 convolution on the shortcut where the
+      shape changes), global average pooling, Dense.
+    """
+    if task not in TASKS:
         raise ValueError(
             f"Argument `task` must be one of {TASKS}. Received: task={task!r}"
         )
-    layers = [keras.Input(input_shape(task, dataset))]
-    for layer in hidden_layers:
-        layers.append(layer)
+    keras.utils.set_random_seed(seed)
+
+    def activated(x, layer, residual=None):
+        x = layer(x)
         if normalization is not None:
-            layers.append(_normalization(normalization))
-        layers.append(keras.layers.ReLU())
-    if task == "cnn":
-        layers.append(keras.layers.Flatten())
-    return BNPSequential(layers + [keras.layers.Dense(10)])
+            x = _normalization(normalization)(x)
+        if residual is not None:
+            x = keras.layers.Add()([x, residual])
+        return keras.layers.ReLU()(x)
+
+    inputs = keras.Input(input_shape(task, dataset))
+    x = inputs
+    if task in ("mlp", "deep_mlp"):
+        for units in hidden if task == "mlp" else (256,) * 8:
+            x = activated(x, keras.layers.Dense(units))
+    elif task == "cnn":
+        for filters, strides in ((16, 1), (32, 2), (32, 2)):
+            x = activated(x, keras.layers.Conv2D(filters, 3, strides))
+        x = keras.layers.Flatten()(x)
+    elif task == "vgg":
+        for filters in (16, 16, "pool", 32, 32, "pool", 64, 64, 64, 64):
+            x = (keras.layers.MaxPooling2D()(x) if filters == "pool" else
+                 activated(x, keras.layers.Conv2D(filters, 3, padding="same")))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        x = activated(x, keras.layers.Conv2D(16, 3, padding="same"))
+        for filters, first_strides in ((16, 1), (32, 2), (64, 2)):
+            for block in range(3):
+                strides = first_strides if block == 0 else 1
+                shortcut = x
+                if strides != 1 or x.shape[-1] != filters:
+                    shortcut = keras.layers.Conv2D(filters, 1, strides)(x)
+                y = activated(x, keras.layers.Conv2D(
+                    filters, 3, strides, padding="same"))
+                x = activated(y, keras.layers.Conv2D(
+                    filters, 3, padding="same"), residual=shortcut)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    return BNPModel(inputs, keras.layers.Dense(10)(x))
 
 
-def _optimizer(family, learning_rate, momentum, bnp_settings):
+def _optimizer(family, learning_rate, momentum, bnp_options):
     if family in ("bnp", "bnp_adam"):
-        # `None` keeps BNP's own default.
-        settings = {k: v for k, v in bnp_settings.items() if v is not None}
+        settings = {k: v for k, v in (bnp_options or {}).items()
+                    if v is not None}
         if family == "bnp":
             return BNP(learning_rate, momentum=momentum, **settings)
         return BNP(inner_optimizer=keras.optimizers.Adam(learning_rate),
                    **settings)
     if family == "adam":
         return keras.optimizers.Adam(learning_rate)
+    if family == "adamw":
+        return keras.optimizers.AdamW(learning_rate)
+    if family == "muon":
+        # Since Keras 3.13 Muon orthogonalizes 2-D kernels only; conv
+        # kernels and every other variable get its AdamW update.
+        return keras.optimizers.Muon(learning_rate)
     return keras.optimizers.SGD(learning_rate, momentum=momentum)
 
 
@@ -127,15 +179,15 @@ def compiled_model(
     *,
     task="mlp",
     momentum=0.9,
-    epsilon=None,
-    statistics_momentum=None,
+    bnp_options=None,
     hidden=(128,),
     seed=0,
     dataset="mnist",
     **compile_kwargs,
 ):
     """`build_model` for `method`, compiled with its optimizer and a
-    from-logits cross-entropy; `compile_kwargs` go to `compile`."""
+    from-logits cross-entropy; `bnp_options` (a dict of `BNP_OPTIONS`) go to
+    BNP, `compile_kwargs` to `compile`."""
     if method not in METHODS:
         raise ValueError(
             f"Argument `method` must be one of {METHODS}. "
@@ -144,14 +196,40 @@ def compiled_model(
     family, normalization = METHOD_SPECS[method]
     model = build_model(task, normalization, hidden, seed, dataset)
     model.compile(
-        optimizer=_optimizer(
-            family, learning_rate, momentum,
-            {"epsilon": epsilon, "statistics_momentum": statistics_momentum},
-        ),
+        optimizer=_optimizer(family, learning_rate, momentum, bnp_options),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         **compile_kwargs,
     )
     return model
+
+
+class _Progress(keras.callbacks.Callback):
+    """Validation accuracy against steps and training time, every `every`
+    steps and at the end; the time spent evaluating is not counted."""
+
+    def __init__(self, x, y, every):
+        super().__init__()
+        self.x, self.y, self.every = x, y, every
+        self.points = []
+        self._seconds = 0.0
+        self._since = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step >= (len(self.points) + 1) * self.every:
+            self.record(step)
+
+    def on_train_end(self, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if not self.points or self.points[-1][0] != step:
+            self.record(step)
+
+    def record(self, step):
+        self._seconds += time.perf_counter() - self._since
+        _, accuracy = self.model.evaluate(
+            self.x, self.y, batch_size=500, verbose=0)
+        self.points.append((step, self._seconds, float(accuracy)))
+        self._since = time.perf_counter()
 
 
 def run(
@@ -161,14 +239,14 @@ def run(
     *,
     task="mlp",
     momentum=0.9,
-    epsilon=None,
-    statistics_momentum=None,
+    bnp_options=None,
     hidden=(128,),
     train_size=3000,
     validation_size=1000,
     epochs=1,
     seed=0,
     source="bundled",
+    progress_points=0,
 ):
     """Trains one configuration and returns its measurements.
 
@@ -178,32 +256,34 @@ def run(
 
     Args:
         method: One of `METHODS`: `"sgd"`, `"bnp"` (BNP around SGD),
-            `"batchnorm"`, `"layernorm"`, `"groupnorm"` (SGD on the model
-            with those layers), `"adam"`, `"bnp_adam"` (BNP around Adam).
-        task: `"mlp"` or `"cnn"`.
+            `"batchnorm"`, `"batchrenorm"`, `"layernorm"`, `"groupnorm"`
+            (SGD on the model with those layers), `"adam"`, `"adamw"`,
+            `"muon"`, `"bnp_adam"` (BNP around Adam).
+        task: One of `TASKS` (see `build_model`).
+        bnp_options: A dict of BNP's arguments named in `BNP_OPTIONS`.
         source: `"bundled"` (the offline MNIST sample) or `"tfds"` (full
-            MNIST for the MLP, CIFAR-10 for the CNN; see `DATASETS`).
+            MNIST for the MLPs, CIFAR-10 for the CNNs; see `DATASETS`).
+        progress_points: How many times to measure validation accuracy
+            during training (evenly spread over the steps, and at the end);
+            0 measures it at the end of each epoch only.
 
     Returns:
-        A dict of the arguments plus `dataset`, `train_loss` (cross-entropy
-        on the training images after training), `validation_accuracy`,
-        `test_accuracy`, `diverged` (non-finite, or training loss above the
-        `ln(10)` of a uniform guess), `seconds` (training time),
-        `loss_curve` and `validation_curve` (per epoch) and
+        A dict of the arguments plus `dataset`, BNP's settings, `train_loss`
+        (cross-entropy on the training images after training),
+        `validation_accuracy`, `test_accuracy`, `diverged` (non-finite, or
+        training loss above the `ln(10)` of a uniform guess), `seconds`
+        (training time, without the validation), `loss_curve` and
+        `validation_curve` (per epoch; empty with `progress_points`),
+        `progress` (`[step, seconds,
+        validation accuracy]` at each of the `progress_points`) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
     dataset = dataset_for(task, source)
     model = compiled_model(
-        method, learning_rate, task=task, momentum=momentum, epsilon=epsilon,
-        statistics_momentum=statistics_momentum, hidden=hidden, seed=seed,
-        dataset=dataset, metrics=["accuracy"],
-        steps_per_execution=max(1, 64 // batch_size),
+        method, learning_rate, task=task, momentum=momentum,
+        bnp_options=bnp_options, hidden=hidden, seed=seed, dataset=dataset,
+        metrics=["accuracy"], steps_per_execution=max(1, 64 // batch_size),
     )
-    optimizer = model.optimizer
-    is_bnp = isinstance(optimizer, BNP)
-    if is_bnp:
-        epsilon, statistics_momentum = (
-            optimizer.epsilon, optimizer.statistics_momentum)
     (x_train, y_train), (x_test, y_test) = (
         data.load_mnist(source) if dataset == "mnist" else data.load_cifar10()
     )
@@ -214,15 +294,22 @@ def run(
         len(x_train) - validation_size
     )[:train_size]
     x_fit, y_fit = x_train[order], y_train[order]
+    steps = epochs * math.ceil(train_size / batch_size)
+    progress = _Progress(x_val, y_val, max(1, steps // progress_points)
+                         if progress_points else steps + 1)
     start = time.perf_counter()
     history = model.fit(
         x_fit, y_fit, batch_size=batch_size, epochs=epochs, verbose=0,
-        shuffle=False, validation_data=(x_val, y_val),
+        shuffle=False, callbacks=[progress] if progress_points else None,
+        validation_data=None if progress_points else (x_val, y_val),
         validation_batch_size=500,
     ).history
-    seconds = time.perf_counter() - start
+    seconds = (progress.points[-1][1] if progress_points
+               else time.perf_counter() - start)
     train_loss, _ = model.evaluate(x_fit, y_fit, batch_size=500, verbose=0)
     _, test_accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+    optimizer = model.optimizer
+    settings = {name: getattr(optimizer, name, None) for name in BNP_OPTIONS}
     return {
         "method": method,
         "task": task,
@@ -231,32 +318,34 @@ def run(
         "learning_rate": learning_rate,
         "momentum": (
             momentum if METHOD_SPECS[method][0] in ("sgd", "bnp") else None),
-        "epsilon": epsilon if is_bnp else None,
-        "statistics_momentum": statistics_momentum if is_bnp else None,
+        **settings,
         "hidden": list(hidden),
         "train_size": train_size,
         "epochs": epochs,
         "seed": seed,
         "train_loss": float(train_loss),
-        "validation_accuracy": float(history["val_accuracy"][-1]),
+        "validation_accuracy": (progress.points[-1][2] if progress_points
+                                else float(history["val_accuracy"][-1])),
         "test_accuracy": float(test_accuracy),
         "diverged": bool(not train_loss < math.log(10.0)),
         "seconds": seconds,
         "loss_curve": [float(v) for v in history["loss"]],
-        "validation_curve": [float(v) for v in history["val_accuracy"]],
+        "validation_curve": [
+            float(v) for v in history.get("val_accuracy", [])],
+        "progress": [list(point) for point in progress.points],
         "optimizer_state_floats": int(sum(
             np.prod(v.shape) for v in model.optimizer.variables)),
     }
 
 
 def _key(result):
-    return tuple(
-        result[k]
-        for k in (
-            "method", "batch_size", "learning_rate", "epsilon",
-            "statistics_momentum", "seed",
-        )
-    )
+    return (result["task"], result["method"], result["batch_size"],
+            result["learning_rate"], _setting(result), result["seed"])
+
+
+def _setting(result):
+    """BNP's settings of a run (all `None` for other methods)."""
+    return tuple(result.get(name) for name in BNP_OPTIONS)
 
 
 def _mean(results, field):
@@ -274,22 +363,28 @@ def report(results):
     SGD converges; the selected one has the best mean validation accuracy
     over those cells.
     """
+    tasks = sorted({r["task"] for r in results})
+    if len(tasks) > 1:
+        return "\n\n".join(
+            f"## {task}\n\n" + report([r for r in results
+                                         if r["task"] == task])
+            for task in tasks)
     cells = {}
     for r in results:
         key = (r["batch_size"], r["learning_rate"])
-        setting = (r["epsilon"], r["statistics_momentum"])
-        cells.setdefault(key, {}).setdefault(setting, []).append(r)
+        cells.setdefault(key, {}).setdefault(_setting(r), []).append(r)
+    none = _setting({})
     sgd_ok = [
         key for key, runs in cells.items()
-        if (None, None) in runs and all(
-            r["train_loss"] < math.log(10.0) / 2 for r in runs[(None, None)])
+        if none in runs and all(
+            r["train_loss"] < math.log(10.0) / 2 for r in runs[none])
     ]
     settings = sorted({s for runs in cells.values() for s in runs
-                       if s != (None, None)})
+                       if s != none})
     lines = [
-        "| epsilon | statistics_momentum | diverged where SGD converges "
+        "| " + " | ".join(BNP_OPTIONS) + " | diverged where SGD converges "
         "| mean val. acc. there (BNP - SGD) |",
-        "|---|---|---|---|",
+        "|---" * (len(BNP_OPTIONS) + 2) + "|",
     ]
     scores = {}
     for setting in settings:
@@ -297,16 +392,18 @@ def report(results):
         diverged = sum(r["diverged"] for rs in runs for r in rs)
         gain = np.mean([
             _mean(cells[k][setting], "validation_accuracy")
-            - _mean(cells[k][(None, None)], "validation_accuracy")
+            - _mean(cells[k][none], "validation_accuracy")
             for k in sgd_ok if setting in cells[k]
-        ])
-        scores[setting] = (diverged == 0, gain)
-        lines.append(f"| {setting[0]:g} | {setting[1]:g} | {diverged} "
-                     f"| {gain:+.4f} |")
+        ] or [np.nan])
+        scores[setting] = (diverged == 0, np.nan_to_num(gain, nan=-1.0))
+        lines.append("| " + " | ".join(f"{v:g}" for v in setting)
+                     + f" | {diverged} | {gain:+.4f} |")
     best = max(scores, key=lambda s: scores[s])
     lines += [
         "",
-        f"Selected: epsilon={best[0]:g}, statistics_momentum={best[1]:g}.",
+        "Selected: " + ", ".join(
+            f"{name}={value:g}" for name, value in zip(BNP_OPTIONS, best))
+        + ".",
         "",
         tuned_table(cells, best),
         "",
@@ -315,7 +412,7 @@ def report(results):
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(cells):
-        sgd, bnp = cells[key].get((None, None)), cells[key].get(best)
+        sgd, bnp = cells[key].get(none), cells[key].get(best)
         if not sgd or not bnp:
             continue
         lines.append(
@@ -341,7 +438,7 @@ def tuned_table(cells, setting):
     ]
     for batch_size in sorted({k[0] for k in cells}):
         row = [f"| {batch_size} "]
-        for method_setting in ((None, None), setting):
+        for method_setting in (_setting({}), setting):
             runs_by_lr = {
                 k[1]: runs[method_setting] for k, runs in cells.items()
                 if k[0] == batch_size and method_setting in runs
@@ -355,11 +452,18 @@ def tuned_table(cells, setting):
     return "\n".join(lines)
 
 
+def _switch(text):
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
+    return text == "on"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.experiment", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--tasks", nargs="+", default=["mlp"], choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=["sgd", "bnp"],
                         choices=["sgd", "bnp"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4])
@@ -372,6 +476,10 @@ def main(argv=None):
                         default=[defaults["epsilon"].default])
     parser.add_argument("--statistics-momenta", nargs="+", type=float,
                         default=[defaults["statistics_momentum"].default])
+    for name in ("relative_epsilon", "initial_scaling"):
+        parser.add_argument(
+            "--" + name.replace("_", "-"), nargs="+", type=_switch,
+            default=[defaults[name].default], metavar="{on,off}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=1)
@@ -390,20 +498,19 @@ def main(argv=None):
         print(report(results))
         return
     done = {_key(r) for r in results}
-    for method, batch_size, lr, seed in itertools.product(
-        args.methods, args.batch_sizes, args.learning_rates, args.seeds
+    bnp_grid = [dict(zip(BNP_OPTIONS, values)) for values in itertools.product(
+        args.epsilons, args.statistics_momenta, args.relative_epsilon,
+        args.initial_scaling)]
+    for task, method, batch_size, lr, seed in itertools.product(
+        args.tasks, args.methods, args.batch_sizes, args.learning_rates,
+        args.seeds,
     ):
-        bnp_grid = itertools.product(args.epsilons, args.statistics_momenta)
-        for epsilon, statistics_momentum in (
-            bnp_grid if method == "bnp" else [(None, None)]
-        ):
-            key = (method, batch_size, lr, epsilon, statistics_momentum, seed)
+        for options in bnp_grid if method == "bnp" else [{}]:
+            key = (task, method, batch_size, lr, _setting(options), seed)
             if key in done:
                 continue
             result = run(
-                method, batch_size, lr,
-                epsilon=epsilon,
-                statistics_momentum=statistics_momentum,
+                method, batch_size, lr, task=task, bnp_options=options,
                 train_size=args.train_size, epochs=args.epochs, seed=seed,
                 source=args.source,
             )
@@ -411,9 +518,8 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
             print(
-                f"{method:4s} bs={batch_size:<4d} lr={lr:<7g} eps={epsilon} "
-                f"beta={statistics_momentum} seed={seed} "
-                f"loss={result['train_loss']:.4f} "
+                f"{task} {method} bs={batch_size} lr={lr:g} {options} "
+                f"seed={seed} loss={result['train_loss']:.4f} "
                 f"val={result['validation_accuracy']:.4f} "
                 f"test={result['test_accuracy']:.4f} "
                 f"({result['seconds']:.1f}s)",

@@ -2,11 +2,16 @@
 
 import keras
 
+from keras_bnp import initialization
 from keras_bnp.callbacks import NonFiniteInputWarning
 from keras_bnp.optimizer import find_bnp
 
-# Position of `callbacks` among `Model.fit`'s positional parameters.
+# Positions of `verbose` and `callbacks` among `Model.fit`'s positional
+# parameters.
+_FIT_VERBOSE_POSITION = 4
 _FIT_CALLBACKS_POSITION = 5
+# How many examples of `fit`'s data the initial scaling measures.
+_INITIAL_SCALING_EXAMPLES = 256
 
 
 class BNPMixin:
@@ -35,9 +40,15 @@ class BNPMixin:
             return super().train_step(data)
 
     def fit(self, *args, **kwargs):
-        # Adds a callback that warns (once, at an epoch end) if BNP skipped
+        # Scales the initial weights (BNP's `initial_scaling`), and adds a
+        # callback that warns (once, at an epoch end) if BNP skipped
         # statistics updates on NaN/Inf inputs; everything else is Keras'.
-        if find_bnp(getattr(self, "optimizer", None)) is not None:
+        bnp = find_bnp(getattr(self, "optimizer", None))
+        if bnp is not None:
+            x = args[0] if args else kwargs.get("x")
+            verbose = (args[_FIT_VERBOSE_POSITION] if len(args) > _FIT_VERBOSE_POSITION
+                       else kwargs.get("verbose", "auto"))
+            self._initial_scaling(bnp, x, print if verbose != 0 else None)
             if len(args) > _FIT_CALLBACKS_POSITION:
                 args = list(args)
                 args[_FIT_CALLBACKS_POSITION] = _with_warning(
@@ -45,6 +56,33 @@ class BNPMixin:
             else:
                 kwargs["callbacks"] = _with_warning(kwargs.get("callbacks"))
         return super().fit(*args, **kwargs)
+
+    def _initial_scaling(self, bnp, x, print_fn):
+        """Before a fresh BNP's first step, scales the preconditioned
+        layers to unit output variance on the first examples of `x`."""
+        if not bnp.initial_scaling or int(bnp.iterations.numpy()) > 0:
+            return
+        inputs = initialization.first_batch(x, _INITIAL_SCALING_EXAMPLES)
+        if inputs is None:
+            raise ValueError(
+                "BNP(initial_scaling=True) scales the layers on the first "
+                "examples of `fit`'s data, which cannot be read from a "
+                f"{type(x).__name__} without consuming it. Call "
+                "`keras_bnp.scale_to_unit_variance(model, x_batch)` before "
+                "`fit` and compile with `BNP(..., initial_scaling=False)`, "
+                "or pass arrays, a tf.data.Dataset or a PyDataset."
+            )
+        with self.distribute_strategy.scope():
+            scales = initialization.scale_to_unit_variance(self, inputs)
+        bnp.initial_scales = scales
+        if print_fn is not None and scales:
+            print_fn(
+                f"BNP: scaled {len(scales)} layers to unit output variance "
+                "before the first step (factors "
+                f"{min(scales.values()):.3g} to {max(scales.values()):.3g}); "
+                "pass BNP(initial_scaling=False) to keep the weights as "
+                "they are."
+            )
 
     def make_train_function(self, force=False):
         self._build_bnp_state()

@@ -6,6 +6,7 @@ import math
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_bnp import preconditioner
@@ -87,8 +88,10 @@ class BNP(keras.optimizers.Optimizer):
     moving_mean += w * delta
     moving_variance = ((1 - w) * moving_variance + w * var(x)
                        + w * (1 - w) * delta ** 2)
-    # 2. preconditioning
-    g_w = (g_w - moving_mean * g_b) / (moving_variance + epsilon)
+    # 2. preconditioning, with the damping d relative to the layer's inputs
+    d = max(epsilon * mean(moving_variance),
+            1e-6 * mean(moving_variance + moving_mean ** 2))
+    g_w = (g_w - moving_mean * g_b) / (moving_variance + d)
     g_b = g_b - sum(g_w * moving_mean, axis=fan_in_axes)
     # 3. the inner optimizer (clipping, weight decay, momentum act on the
     #    preconditioned gradients)
@@ -106,13 +109,25 @@ class BNP(keras.optimizers.Optimizer):
     `(x - moving_mean) / sqrt(moving_variance)`, mapped back to `(w, b)`:
     the inverse of the input second moment `E[[x; 1][x; 1]^T]` with the
     covariances between inputs dropped. A layer without bias gets
-    `g_w @ inv(diag(moving_variance + epsilon) + moving_mean moving_mean^T)`
-    instead. Both are positive definite, so steps descend.
+    `g_w @ inv(diag(moving_variance + d) + moving_mean moving_mean^T)`
+    instead. Both are positive definite, so steps descend. Because `d`
+    scales with the inputs' variance, scaling all of a layer's inputs by `a`
+    scales its preconditioned gradient by `1 / a^2`, exactly as normalizing
+    them would: deep layers, whose inputs have variances far below 1, are
+    preconditioned as much as the first.
+
+    BNP acts on gradients only, so it cannot repair a forward signal that
+    the initialization makes vanish in a deep network, as BatchNorm does at
+    every step. With `initial_scaling=True`, `fit` therefore first scales
+    each preconditioned layer's kernel and bias once, so that its outputs
+    have unit variance on the first 256 training examples
+    (`keras_bnp.scale_to_unit_variance`, LSUV-style). This changes weights,
+    not the architecture.
 
     This rule is derived from the description of BNP in Lange et al. (the
-    paper's algorithm box was not available to this project); the defaults
-    of `epsilon` and `statistics_momentum` are this project's measured
-    choices (see `docs/defaults.md`), not the paper's.
+    paper's algorithm box was not available to this project); the relative
+    damping, the initial scaling and the defaults are this project's
+    measured choices (see `docs/defaults.md`), not the paper's.
 
     References:
     - [Lange, Helfrich & Ye, 2022. Batch Normalization Preconditioning for
@@ -124,12 +139,22 @@ class BNP(keras.optimizers.Optimizer):
         momentum: Momentum of the built-in SGD. Defaults to `0.9`.
         nesterov: Whether the built-in SGD uses Nesterov momentum. Defaults
             to `False`.
-        epsilon: Float > 0 added to the variance, in the units of the
-            input's variance; `1 / epsilon` bounds the scaling of any single
-            input feature. Defaults to `1.0` (measured for inputs of unit
-            scale, e.g. pixels in [0, 1]; see `docs/defaults.md`).
+        epsilon: Float > 0, the damping added to each input variance, as a
+            multiple of the layer's mean input variance (with
+            `relative_epsilon=True`): no input channel is scaled more than
+            `(1 + epsilon) / epsilon` times as much as a channel of average
+            variance. Defaults to `1.0` (see `docs/defaults.md`).
+        relative_epsilon: Bool. `False` adds `epsilon` itself, in the units
+            of the inputs' variance, which leaves layers whose inputs have
+            variances far below `epsilon` unpreconditioned. Defaults to
+            `True`.
         statistics_momentum: Float in `[0, 1)`, the decay of the running
             statistics; `0` uses the current batch only. Defaults to `0.99`.
+        initial_scaling: Bool. Whether the first `fit` of a fresh optimizer
+            scales the preconditioned layers to unit output variance before
+            its first step (see above). Set it to `False` to keep the
+            weights as given, e.g. when fine-tuning pretrained weights.
+            Defaults to `True`.
         inner_optimizer: A `keras.optimizers.Optimizer` instance (or a name
             such as `"adam"`) that applies the preconditioned gradients, in
             place of the built-in SGD. Then `learning_rate`, `momentum` and
@@ -157,7 +182,9 @@ class BNP(keras.optimizers.Optimizer):
         nesterov=False,
         *,
         epsilon=1.0,
+        relative_epsilon=True,
         statistics_momentum=0.99,
+        initial_scaling=True,
         inner_optimizer=None,
         name=None,
         **kwargs,
@@ -175,7 +202,8 @@ class BNP(keras.optimizers.Optimizer):
             raise ValueError(
                 f"BNP got unexpected arguments: {sorted(kwargs)}. Its "
                 "arguments are learning_rate, momentum, nesterov, epsilon, "
-                "statistics_momentum, inner_optimizer, name."
+                "relative_epsilon, statistics_momentum, initial_scaling, "
+                "inner_optimizer, name."
             )
         epsilon = _as_float("epsilon", epsilon)
         if not (epsilon > 0 and math.isfinite(epsilon)):
@@ -198,6 +226,11 @@ class BNP(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.epsilon = epsilon
+        self.relative_epsilon = _as_bool("relative_epsilon", relative_epsilon)
+        self.initial_scaling = _as_bool("initial_scaling", initial_scaling)
+        # Set by the first `fit` when it scales the layers (see
+        # `keras_bnp.scale_to_unit_variance`): `{layer name: factor}`.
+        self.initial_scales = {}
         self.statistics_momentum = statistics_momentum
         # Python-side bookkeeping, kept out of Keras' variable tracking.
         self.__dict__["_slots"] = {}
@@ -357,7 +390,7 @@ class BNP(keras.optimizers.Optimizer):
                     *(None if i is None or grads[i] is None else
                       tf.ensure_shape(grads[i], trainable_variables[i].shape)
                       for i in pair),
-                    momentum=self.statistics_momentum, epsilon=self.epsilon,
+                    momentum=self.statistics_momentum, damping=self._damping,
                     groups=slot.groups,
                 )
                 self.assign(slot.moving_mean, mean)
@@ -416,6 +449,15 @@ class BNP(keras.optimizers.Optimizer):
             slot.moving_variance.numpy(),
         )
 
+    def _damping(self, mean, variance):
+        """What is added to each input variance of a layer with these
+        statistics (see `epsilon`)."""
+        if not self.relative_epsilon:
+            return self.epsilon
+        return preconditioner.damping(
+            tf.convert_to_tensor(mean), tf.convert_to_tensor(variance),
+            self.epsilon)
+
     @property
     def skipped_statistics_updates(self):
         """Number of (layer, step) statistics updates skipped so far because
@@ -427,17 +469,18 @@ class BNP(keras.optimizers.Optimizer):
     def statistics_summary(self, near_constant=1e-6):
         """Per tracked layer (in model order), a dict of diagnostics:
         `layer`, `class`, `in_channels`, `min_variance`, `max_scale` (the
-        largest `1 / (variance + epsilon)`) and `near_constant` (the number
+        largest `1 / (variance + damping)`, see `epsilon`) and `near_constant` (the number
         of input channels with variance at most `near_constant`)."""
         rows = []
         for slot in sorted(self._slots.values(), key=lambda s: s.rank):
             variance = slot.moving_variance.numpy()
+            damping = float(self._damping(slot.moving_mean, variance))
             rows.append({
                 "layer": slot.layer_name,
                 "class": slot.layer_class,
                 "in_channels": int(variance.shape[0]),
                 "min_variance": float(variance.min()),
-                "max_scale": float(1.0 / (variance.min() + self.epsilon)),
+                "max_scale": 1.0 / (float(variance.min()) + damping),
                 "near_constant": int((variance <= near_constant).sum()),
             })
         return rows
@@ -445,7 +488,8 @@ class BNP(keras.optimizers.Optimizer):
     def summary(self, print_fn=print):
         """Prints the tracked layers and how each is preconditioned."""
         lines = [
-            f"BNP '{self.name}': epsilon={self.epsilon:g}, "
+            f"BNP '{self.name}': epsilon={self.epsilon:g} "
+            f"({'relative' if self.relative_epsilon else 'absolute'}), "
             f"statistics_momentum={self.statistics_momentum:g}, inner "
             f"optimizer {type(self.inner_optimizer).__name__}",
             f"{'layer':<24}{'class':<10}{'in_ch':>6}{'groups':>7}  rule",
@@ -527,6 +571,8 @@ class BNP(keras.optimizers.Optimizer):
         return {
             "name": self.name,
             "epsilon": self.epsilon,
+            "relative_epsilon": self.relative_epsilon,
+            "initial_scaling": self.initial_scaling,
             "statistics_momentum": self.statistics_momentum,
             "inner_optimizer": keras.saving.serialize_keras_object(
                 self.inner_optimizer
@@ -557,7 +603,7 @@ def _input_sums(inputs, channel_axis, mean, variance):
 
 def _layer_update(
     shift, moving_variance, moving_count, count, centred_sum,
-    centred_square_sum, grad_kernel, grad_bias, *, momentum, epsilon, groups,
+    centred_square_sum, grad_kernel, grad_bias, *, momentum, damping, groups,
 ):
     """One layer's statistics update and preconditioning, as a pure
     function of tensors (the running mean is `shift`).
@@ -582,7 +628,8 @@ def _layer_update(
     new_count = tf.where(usable, new_count, moving_count)
     if grad_kernel is not None:
         grad_kernel, grad_bias = preconditioner.precondition(
-            grad_kernel, grad_bias, new_mean, new_variance, epsilon, groups
+            grad_kernel, grad_bias, new_mean, new_variance,
+            damping(new_mean, new_variance), groups,
         )
     return new_mean, new_variance, new_count, usable, grad_kernel, grad_bias
 
@@ -617,6 +664,15 @@ def _as_float(name, value):
         raise ValueError(
             f"Argument `{name}` must be a float. Received: {name}={value!r}"
         ) from None
+
+
+def _as_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"Argument `{name}` must be True or False. Received: "
+            f"{name}={value!r}"
+        )
+    return bool(value)
 
 
 def _inner_optimizer(inner_optimizer, learning_rate, momentum, nesterov):

@@ -11,7 +11,32 @@ the borders the identity holds approximately.
 
 import math
 
+import numpy as np
+
 import tensorflow as tf
+
+
+# Relative to the mean square of the inputs, the smallest damping: it keeps
+# the float32 rounding of the centring `g_kernel - mean * g_bias` (about
+# 1e-7 of `|mean * g_bias|`) from being amplified when every input channel
+# is (nearly) constant.
+DAMPING_FLOOR = 1e-6
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def damping(mean, variance, epsilon):
+    """The value added to each input variance for a relative `epsilon`:
+    `epsilon` times the layer's mean input variance, so that the rule does
+    not depend on the units of the layer's inputs (scaling the inputs by
+    `a` scales the preconditioned gradient by `1 / a^2`, as normalizing
+    them would). At least `DAMPING_FLOOR` times the mean input second
+    moment, and never 0."""
+    variance = tf.reduce_mean(variance)
+    second_moment = variance + tf.reduce_mean(tf.square(mean))
+    return tf.maximum(
+        epsilon * variance,
+        tf.maximum(DAMPING_FLOOR * second_moment, _TINY),
+    )
 
 
 def kernel_view(per_channel, kernel_shape, groups=1):
@@ -63,7 +88,8 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     mean = kernel_view(tf.cast(mean, dtype), shape, groups)
     # A Python-float epsilon converts exactly to the gradients' dtype.
     inverse = kernel_view(
-        1.0 / (tf.cast(variance, dtype) + epsilon), shape, groups
+        1.0 / (tf.cast(variance, dtype) + tf.cast(epsilon, dtype)), shape,
+        groups,
     )
     inverse_mean = inverse * mean
     spatial_size = math.prod(shape[:-2])

@@ -93,15 +93,14 @@ def capture_inputs(layers, on_first_call):
 
     Yields a dict `{layer: [input, ...]}`; a layer called several times (a
     shared layer) has one entry per call. `on_first_call(layer)` runs the
-    first time each layer is called, after Keras has built it. The layers'
-    `call` is patched on the instance only, and restored on exit. Calls in
+    first time each layer is called, after Keras has built it. Calls in
     another graph than the one entered in (Keras' symbolic shape inference
     while it builds a model) are not recorded.
     """
     captured = {layer: [] for layer in layers}
     graph = tf.compat.v1.get_default_graph()
 
-    def hook(layer, call):
+    def wrap(layer, call):
         def recording_call(*args, **kwargs):
             if tf.compat.v1.get_default_graph() is graph:
                 if not captured[layer]:
@@ -111,10 +110,30 @@ def capture_inputs(layers, on_first_call):
 
         return recording_call
 
+    with _patched_calls(layers, wrap):
+        yield captured
+
+
+@contextlib.contextmanager
+def intercept_outputs(layers, on_output):
+    """Replaces the output of every call of `layers` by `on_output(layer,
+    output)`."""
+
+    def wrap(layer, call):
+        return lambda *args, **kwargs: on_output(layer, call(*args, **kwargs))
+
+    with _patched_calls(layers, wrap):
+        yield
+
+
+@contextlib.contextmanager
+def _patched_calls(layers, wrap):
+    """Patches each layer's `call` on the instance only with `wrap(layer,
+    call)`, and restores it on exit."""
     try:
         for layer in layers:
-            layer.__dict__["call"] = hook(layer, layer.call)
-        yield captured
+            layer.__dict__["call"] = wrap(layer, layer.call)
+        yield
     finally:
         for layer in layers:
             layer.__dict__.pop("call", None)

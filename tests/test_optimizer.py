@@ -77,7 +77,9 @@ def test_many_steps_match_numpy_reference(name):
         stats.update([x], channel_axis)
         new_grads = _reference.precondition(
             grads[0], grads[1] if layer.use_bias else None,
-            stats.mean, stats.variance, epsilon, getattr(layer, "groups", 1),
+            stats.mean, stats.variance,
+            _reference.damping(stats.mean, stats.variance, epsilon),
+            getattr(layer, "groups", 1),
         )
         weights = [
             sgd.update(i, w, g) for i, (w, g) in enumerate(
@@ -106,14 +108,15 @@ def test_shared_layer_pools_all_calls():
 
 
 def test_identity_statistics_reduce_to_sgd():
-    # Every batch has exactly mean 0 and population variance 1 - epsilon per
-    # feature, and momentum 0: BNP must take exactly SGD's steps.
+    # Every batch has exactly mean 0 and population variance 1 / (1 +
+    # epsilon) per feature, so with the relative damping epsilon * variance
+    # every scale is 1, and momentum 0: BNP must take exactly SGD's steps.
     epsilon = 0.2
     rng = np.random.default_rng(0)
     models = []
     for optimizer in (
         keras_bnp.BNP(0.1, momentum=0.9, epsilon=epsilon,
-                      statistics_momentum=0.0),
+                      statistics_momentum=0.0, initial_scaling=False),
         keras.optimizers.SGD(0.1, momentum=0.9),
     ):
         keras.utils.set_random_seed(0)
@@ -123,7 +126,7 @@ def test_identity_statistics_reduce_to_sgd():
         models.append(model)
     for _ in range(10):
         x = rng.normal(size=(8, 4))
-        x = (x - x.mean(0)) / x.std(0) * np.sqrt(1 - epsilon)
+        x = (x - x.mean(0)) / x.std(0) / np.sqrt(1 + epsilon)
         y = rng.integers(0, 3, 8)
         for model in models:
             model.train_on_batch(x.astype("float32"), y)
@@ -204,7 +207,7 @@ def test_inner_optimizer_arguments_act_on_preconditioned_gradients(
         model.compile(
             optimizer=keras_bnp.BNP(
                 inner_optimizer=inner(**extra), epsilon=epsilon,
-                statistics_momentum=beta),
+                statistics_momentum=beta, initial_scaling=False),
             loss=logits_loss(), jit_compile=jit_compile)
         model.fit(x, y, batch_size=batch, shuffle=False, verbose=0)
         return [w.numpy() for w in model.weights]
@@ -220,7 +223,8 @@ def test_inner_optimizer_arguments_act_on_preconditioned_gradients(
         grads = tape.gradient(loss, reference.trainable_variables)
         stats.update([inputs], -1)
         grads = _reference.precondition(
-            *grads, stats.mean, stats.variance, epsilon)
+            *grads, stats.mean, stats.variance,
+            _reference.damping(stats.mean, stats.variance, epsilon))
         optimizer.apply([g.astype("float32") for g in grads],
                         reference.trainable_variables)
     optimizer.finalize_variable_values(reference.trainable_variables)
