@@ -364,9 +364,10 @@ def plots(config, results, out_dir):
                     results, task, method, baseline, batch_size) or [np.nan]
                 means.append(np.mean(diffs))
                 stds.append(np.std(diffs))
-            # Clip the rare huge difference (BatchNorm at batch size 1) and
-            # print its value, so that the others stay readable.
+            # Cut the rare huge difference (BatchNorm at batch size 1), without
+            # whiskers, and print its value, so that the others stay readable.
             shown = np.clip(means, -16, 16)
+            stds = np.where(shown == means, stds, 0.0)
             ax.bar(range(len(sizes)), shown, yerr=stds, capsize=3,
                    color=["C2" if m >= 0 else "C3" for m in means])
             for i, (mean, bar, std) in enumerate(zip(means, shown, stds)):
@@ -378,7 +379,7 @@ def plots(config, results, out_dir):
                                 fontsize=7, xytext=(0, 2 if up else -2),
                                 textcoords="offset points")
             ax.axhline(0, color="black", linewidth=0.8)
-            ax.set_ylim(-19, 19)
+            ax.set_ylim(-21, 21)
             ax.set_xticks(range(len(sizes)), [str(b) for b in sizes])
             ax.set_title(f"{method} minus {baseline}", fontsize=10)
             ax.set_xlabel("batch size")
