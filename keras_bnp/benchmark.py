@@ -385,11 +385,12 @@ def report(config, results, timings, target, command):
         lines += [
             f"## {task.upper()}: test accuracy at the tuned learning rate",
             "", *accuracy, "",
-            f"![accuracy vs batch size]({task}_accuracy.png)", "",
+            f"![BNP minus each baseline, test accuracy]({task}_accuracy.png)",
+            "",
             f"## {task.upper()}: epochs to {target:.0%} validation accuracy",
             "", "Mean over the seeds that reached it (how many did).", "",
             *epochs, "",
-            f"![training loss]({task}_loss.png)", "",
+            f"![test accuracy per learning rate]({task}_learning_rate.png)", "",
         ]
     for task, per_batch in timings.items():
         for batch_size, runs in per_batch.items():
@@ -423,46 +424,106 @@ def report(config, results, timings, target, command):
     return "\n".join(lines)
 
 
+# (BNP variant, baseline) pairs of the accuracy plot.
+COMPARISONS = (("bnp", "sgd"), ("bnp", "batchnorm"), ("bnp", "layernorm"),
+               ("bnp", "groupnorm"), ("bnp", "adam"), ("bnp_adam", "adam"))
+# Learning-rate plot: (method, colour, line style); grid positions match.
+RATE_LINES = (("sgd", "C0", "--"), ("bnp", "C1", "-"),
+              ("adam", "C2", "--"), ("bnp_adam", "C3", "-"))
+
+
+def paired_differences(results, task, method, baseline, batch_size):
+    """`method`'s test accuracy minus `baseline`'s in percentage points, per
+    seed that both ran, each at its tuned learning rate (`_tuned`)."""
+    ours, theirs = ({r["seed"]: r["test_accuracy"]
+                     for r in _tuned(results, task, m, batch_size)}
+                    for m in (method, baseline))
+    return [100 * (ours[s] - theirs[s]) for s in sorted(ours) if s in theirs]
+
+
 def plots(config, results, out_dir):
-    """accuracy-vs-batch-size and loss-curve PNGs per task."""
+    """Per task, two PNGs: `{task}_accuracy.png`, BNP's test accuracy minus
+    each baseline's per batch size (each at its tuned learning rate; bars:
+    mean over seeds of the per-seed difference, whiskers: its standard
+    deviation), and `{task}_learning_rate.png`, test accuracy at every
+    learning rate of the grid, per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
+    sizes = config["batch_sizes"]
     for task in config["tasks"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in config["methods"]:
-            sizes, means, stds = [], [], []
-            for batch_size in config["batch_sizes"]:
-                runs = _tuned(results, task, method, batch_size)
-                if runs:
-                    values = [r["test_accuracy"] for r in runs]
-                    sizes.append(batch_size)
-                    means.append(np.mean(values))
-                    stds.append(np.std(values))
-            ax.errorbar(sizes, means, yerr=stds, marker="o", label=method,
-                        capsize=3)
-        ax.set_xscale("log", base=2)
-        paths.append(_save(
-            fig, ax, os.path.join(out_dir, f"{task}_accuracy.png"),
-            "batch size", "test accuracy (tuned learning rate)",
-            f"MNIST {task.upper()}"))
+        pairs = [pair for pair in COMPARISONS
+                 if set(pair) <= set(config["methods"])]
+        fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharey=True,
+                                 squeeze=False)
+        for ax, (method, baseline) in zip(axes.flat, pairs):
+            means, stds = [], []
+            for batch_size in sizes:
+                diffs = paired_differences(
+                    results, task, method, baseline, batch_size) or [np.nan]
+                means.append(np.mean(diffs))
+                stds.append(np.std(diffs))
+            # Cut the rare huge difference (BatchNorm at batch size 1), without
+            # whiskers, and print its value, so that the others stay readable.
+            shown = np.clip(means, -16, 16)
+            stds = np.where(shown == means, stds, 0.0)
+            ax.bar(range(len(sizes)), shown, yerr=stds, capsize=3,
+                   color=["C2" if m >= 0 else "C3" for m in means])
+            for i, (mean, bar, std) in enumerate(zip(means, shown, stds)):
+                if np.isfinite(mean):
+                    up = mean >= 0
+                    tip = bar + (std if up else -std)
+                    ax.annotate(f"{mean:+.1f}", (i, tip),
+                                ha="center", va="bottom" if up else "top",
+                                fontsize=7, xytext=(0, 2 if up else -2),
+                                textcoords="offset points")
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_ylim(-21, 21)
+            ax.set_xticks(range(len(sizes)), [str(b) for b in sizes])
+            ax.set_title(f"{method} minus {baseline}", fontsize=10)
+            ax.set_xlabel("batch size")
+        for ax in axes.flat[len(pairs):]:
+            ax.set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("test accuracy difference\n(percentage points)")
+        dataset = DATASET_NAMES[experiment.dataset_for(task, config["source"])]
+        fig.suptitle(f"{dataset} {task.upper()}: above 0, BNP is more accurate "
+                     "(tuned learning rates, mean ± std over seeds)",
+                     fontsize=10)
+        paths.append(_save(fig, os.path.join(out_dir, f"{task}_accuracy.png")))
 
-        batch_size = min(config["batch_sizes"], key=lambda b: abs(b - 4))
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in config["methods"]:
-            runs = _tuned(results, task, method, batch_size)
-            if runs:
-                curve = np.mean([r["loss_curve"] for r in runs], axis=0)
-                ax.plot(range(1, len(curve) + 1), curve, marker="o",
-                        label=method)
-        ax.set_yscale("log")
-        paths.append(_save(
-            fig, ax, os.path.join(out_dir, f"{task}_loss.png"), "epoch",
-            "mean training loss in the epoch",
-            f"MNIST {task.upper()}, batch size {batch_size}"))
+        fig, axes = plt.subplots(1, len(sizes), figsize=(2.2 * len(sizes), 3.4),
+                                 squeeze=False)
+        for ax, batch_size in zip(axes[0], sizes):
+            for method, colour, style in RATE_LINES:
+                if method not in config["methods"]:
+                    continue
+                rates = learning_rates(method)
+                values = [[r["test_accuracy"] for r in results
+                           if (r["task"], r["method"], r["batch_size"],
+                               r["learning_rate"]) == (task, method,
+                                                       batch_size, rate)]
+                          for rate in rates]
+                ax.errorbar(range(len(rates)),
+                            [np.mean(v) if v else np.nan for v in values],
+                            yerr=[np.std(v) if v else 0 for v in values],
+                            color=colour, linestyle=style, marker="o",
+                            capsize=2, label=method)
+            ax.set_xticks(range(len(SGD_RATES)), [
+                f"{a:g}\n({b:g})" for a, b in zip(SGD_RATES, ADAM_RATES)],
+                fontsize=7)
+            ax.set_title(f"batch size {batch_size}", fontsize=9)
+        axes[0, 0].set_ylabel("test accuracy")
+        axes[0, 0].set_xlabel("learning rate\n(Adam's)", fontsize=8)
+        axes[0, -1].legend(fontsize=7)
+        fig.suptitle(f"{dataset} {task.upper()}: test accuracy at each "
+                     "learning rate "
+                     "(mean ± std over seeds)", fontsize=10)
+        paths.append(_save(fig, os.path.join(
+            out_dir, f"{task}_learning_rate.png")))
     return paths
 
 
@@ -486,22 +547,19 @@ def progress_plots(config, results, timings, out_dir):
                         timings, task, batch_size, method))
                     ax.plot(points[:, 1], points[:, 2], marker=".",
                             label=method)
-            paths.append(_save(
-                fig, ax,
-                os.path.join(out_dir, f"{task}_bs{batch_size}_progress.png"),
-                "training seconds",
-                "validation accuracy",
-                f"{task}, batch size {batch_size}, tuned learning rates"))
+            ax.set_xlabel("training seconds")
+            ax.set_ylabel("validation accuracy")
+            ax.set_title(f"{task}, batch size {batch_size}, tuned learning "
+                         "rates", fontsize=10)
+            ax.legend(fontsize=7)
+            paths.append(_save(fig, os.path.join(
+                out_dir, f"{task}_bs{batch_size}_progress.png")))
     return paths
 
 
-def _save(fig, ax, path, xlabel, ylabel, title):
+def _save(fig, path):
     import matplotlib.pyplot as plt
 
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
