@@ -353,15 +353,18 @@ def _mean(results, field):
 
 
 def report(results):
-    """Markdown tables: the (epsilon, statistics_momentum) grid, then BNP at
-    the selected setting beside SGD, per batch size and learning rate.
+    """Markdown tables, per task: the grid of BNP settings (`BNP_OPTIONS`),
+    then BNP at the selected setting beside SGD, per batch size and learning
+    rate.
 
     A cell "converges" when the training loss after training is below
     `ln(10) / 2` for every seed (clearly better than a uniform guess); a
     run "diverges" when its training loss is not below `ln(10)`. A BNP
     setting is admissible when it diverges in no seed of any cell where
     SGD converges; the selected one has the best mean validation accuracy
-    over those cells.
+    over those cells (where SGD converges nowhere, as on the deep tasks: the
+    best validation accuracy over the learning rates, averaged over batch
+    sizes).
     """
     tasks = sorted({r["task"] for r in results})
     if len(tasks) > 1:
@@ -381,10 +384,13 @@ def report(results):
     ]
     settings = sorted({s for runs in cells.values() for s in runs
                        if s != none})
+    batch_sizes = sorted({k[0] for k in cells})
     lines = [
         "| " + " | ".join(BNP_OPTIONS) + " | diverged where SGD converges "
-        "| mean val. acc. there (BNP - SGD) |",
-        "|---" * (len(BNP_OPTIONS) + 2) + "|",
+        "| mean val. acc. there (BNP - SGD) | "
+        + " | ".join(f"best val. acc. (lr), bs {b}" for b in batch_sizes)
+        + " | diverged at (bs/lr) |",
+        "|---" * (len(BNP_OPTIONS) + 3 + len(batch_sizes)) + "|",
     ]
     scores = {}
     for setting in settings:
@@ -395,15 +401,28 @@ def report(results):
             - _mean(cells[k][none], "validation_accuracy")
             for k in sgd_ok if setting in cells[k]
         ] or [np.nan])
-        scores[setting] = (diverged == 0, np.nan_to_num(gain, nan=-1.0))
-        lines.append("| " + " | ".join(f"{v:g}" for v in setting)
-                     + f" | {diverged} | {gain:+.4f} |")
+        best_cells = [max(
+            ((_mean(runs[setting], "validation_accuracy"), k[1])
+             for k, runs in cells.items()
+             if k[0] == batch_size and setting in runs), default=(np.nan, 0))
+            for batch_size in batch_sizes]
+        failed = [f"{k[0]}/{k[1]:g}" for k, runs in sorted(cells.items())
+                  if any(r["diverged"] for r in runs.get(setting, []))]
+        # Without cells where SGD converges (deep tasks), rank by the best
+        # validation accuracy instead of the gain over SGD.
+        scores[setting] = (diverged == 0, gain if sgd_ok else np.nanmean(
+            [accuracy for accuracy, _ in best_cells]))
+        lines.append(
+            "| " + " | ".join(_format(v) for v in setting)
+            + f" | {diverged} | {gain:+.4f} | "
+            + " | ".join(f"{a:.4f} ({lr:g})" for a, lr in best_cells)
+            + f" | {', '.join(failed) or 'none'} |")
     best = max(scores, key=lambda s: scores[s])
     lines += [
         "",
         "Selected: " + ", ".join(
-            f"{name}={value:g}" for name, value in zip(BNP_OPTIONS, best))
-        + ".",
+            f"{name}={_format(value)}"
+            for name, value in zip(BNP_OPTIONS, best)) + ".",
         "",
         tuned_table(cells, best),
         "",
@@ -427,6 +446,12 @@ def report(results):
             f"| {sum(r['diverged'] for r in bnp)}/{len(bnp)} |"
         )
     return "\n".join(lines)
+
+
+def _format(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}"
 
 
 def tuned_table(cells, setting):

@@ -65,6 +65,10 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
         scales[layer.name] = scale
         return outputs * tf.cast(scale, outputs.dtype)
 
+    if not model.built:
+        # Building may trace the model symbolically; keep that out of the
+        # measured pass, and let Keras record the build.
+        model(inputs, training=False)
     with registry.intercept_outputs(registry.supported_layers(model),
                                     on_output):
         model(inputs, training=False)

@@ -143,7 +143,7 @@ class BNP(keras.optimizers.Optimizer):
             multiple of the layer's mean input variance (with
             `relative_epsilon=True`): no input channel is scaled more than
             `(1 + epsilon) / epsilon` times as much as a channel of average
-            variance. Defaults to `1.0` (see `docs/defaults.md`).
+            variance. Defaults to `3.0` (see `docs/defaults.md`).
         relative_epsilon: Bool. `False` adds `epsilon` itself, in the units
             of the inputs' variance, which leaves layers whose inputs have
             variances far below `epsilon` unpreconditioned. Defaults to
@@ -181,7 +181,7 @@ class BNP(keras.optimizers.Optimizer):
         momentum=None,
         nesterov=False,
         *,
-        epsilon=1.0,
+        epsilon=3.0,
         relative_epsilon=True,
         statistics_momentum=0.99,
         initial_scaling=True,

@@ -76,7 +76,8 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
             bias.
         mean: Per-input-channel mean, `(in_channels,)`.
         variance: Per-input-channel variance, `(in_channels,)`.
-        epsilon: Python float added to the variance.
+        epsilon: The damping added to the variance: a Python float, or a
+            scalar tensor such as `damping(mean, variance, epsilon)`.
         groups: Number of convolution groups.
 
     Returns:
@@ -87,9 +88,10 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     shape = grad_kernel.shape
     mean = kernel_view(tf.cast(mean, dtype), shape, groups)
     # A Python-float epsilon converts exactly to the gradients' dtype.
+    if tf.is_tensor(epsilon):
+        epsilon = tf.cast(epsilon, dtype)
     inverse = kernel_view(
-        1.0 / (tf.cast(variance, dtype) + tf.cast(epsilon, dtype)), shape,
-        groups,
+        1.0 / (tf.cast(variance, dtype) + epsilon), shape, groups
     )
     inverse_mean = inverse * mean
     spatial_size = math.prod(shape[:-2])

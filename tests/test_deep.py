@@ -49,15 +49,14 @@ def test_default_update_preconditions_deep_layers_with_tiny_variances():
     sgd_step, _, _ = _deepest_dense_update(
         keras.optimizers.SGD(learning_rate))
     # The situation: Glorot-initialized ReLU layers shrink the signal, so
-    # this layer's inputs have a mean variance far below an absolute
-    # epsilon of 1.
+    # this layer's inputs have a mean variance far below 1.
     mean, variance = inputs.mean(axis=0), inputs.var(axis=0)
     assert variance.mean() < 1e-3
     # BNP's step is the NumPy reference's, with the damping relative to the
     # mean input variance ...
     want, _ = _reference.precondition(
         grad_kernel, grad_bias, mean, variance,
-        _reference.damping(mean, variance, 1.0))
+        _reference.damping(mean, variance, 3.0))
     assert_allclose(bnp_step, -learning_rate * want,
                     atol=1e-4 * np.abs(want).max() * learning_rate, rtol=1e-3)
     # ... and so it is larger than SGD's by orders of magnitude, not equal.
@@ -66,13 +65,13 @@ def test_default_update_preconditions_deep_layers_with_tiny_variances():
 
 
 def test_absolute_epsilon_leaves_deep_layers_at_sgd_scale():
-    # The failure the relative damping fixes: with epsilon = 1 in the units
-    # of the inputs' variance, the deep layer's gradient is only centred,
-    # not scaled, and its step stays at SGD's size.
+    # The failure the relative damping fixes: with an absolute epsilon of 1
+    # (in the units of the inputs' variance), the deep layer's gradient is
+    # only centred, not scaled, and its step stays at SGD's size.
     learning_rate = 0.01
     bnp_step, inputs, (grad_kernel, grad_bias) = _deepest_dense_update(
         keras_bnp.BNP(learning_rate, momentum=0.0, statistics_momentum=0.0,
-                      relative_epsilon=False))
+                      epsilon=1.0, relative_epsilon=False))
     sgd_step, _, _ = _deepest_dense_update(
         keras.optimizers.SGD(learning_rate))
     want, _ = _reference.precondition(

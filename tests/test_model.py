@@ -133,7 +133,8 @@ def test_history_equals_default_train_step(fit_kwargs):
     # With learning rate 0 both models keep their weights, so BNP's training
     # step must report exactly what Keras' default step reports.
     bnp = _history(
-        keras_bnp.BNPModel, keras_bnp.BNP(0.0, momentum=0.0), **fit_kwargs
+        keras_bnp.BNPModel,
+        keras_bnp.BNP(0.0, momentum=0.0, initial_scaling=False), **fit_kwargs
     )
     plain = _history(keras.Model, keras.optimizers.SGD(0.0), **fit_kwargs)
     assert sorted(bnp) == sorted(plain)
@@ -151,7 +152,8 @@ def test_class_weight_is_applied():
                          class_weight=class_weight).history["loss"][0]
 
     weights = {0: 5.0, 1: 1.0, 2: 0.1}
-    bnp = loss_of(keras_bnp.BNPSequential, keras_bnp.BNP(0.0, momentum=0.0),
+    bnp = loss_of(keras_bnp.BNPSequential,
+                  keras_bnp.BNP(0.0, momentum=0.0, initial_scaling=False),
                   weights)
     plain = loss_of(keras.Sequential, keras.optimizers.SGD(0.0), weights)
     unweighted = loss_of(keras.Sequential, keras.optimizers.SGD(0.0), None)
