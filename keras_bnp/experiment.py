@@ -344,8 +344,13 @@ def _key(result):
 
 
 def _setting(result):
-    """BNP's settings of a run (all `None` for other methods)."""
-    return tuple(result.get(name) for name in BNP_OPTIONS)
+    """BNP's settings of a run (all `None` for other methods). Runs recorded
+    before `relative_epsilon` and `initial_scaling` existed had neither."""
+    if result.get("epsilon") is None:
+        return (None,) * len(BNP_OPTIONS)
+    return (result["epsilon"], result["statistics_momentum"],
+            result.get("relative_epsilon", False),
+            result.get("initial_scaling", False))
 
 
 def _mean(results, field):

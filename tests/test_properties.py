@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from helpers import assert_allclose
 from hypothesis import given
@@ -84,10 +85,11 @@ def test_matches_reference(case, use_bias):
                         atol=1e-7 * np.abs(want_bias).max(), rtol=1e-6)
 
 
-def _affine_run(x, y, scale, shift, steps=15):
+def _affine_run(x, y, scale, shift, steps=15, **bnp_arguments):
     """Trains a 2-layer MLP on `scale * x + shift`, with the first kernel
     mapped so that the initial function is the same for every (scale,
-    shift); returns predictions on the training inputs."""
+    shift), with BNP (full batch, exact statistics; by default a tiny
+    epsilon); returns predictions on the training inputs."""
     keras.utils.set_random_seed(0)
     model = keras_bnp.BNPSequential([
         keras.Input((x.shape[1],)),
@@ -98,8 +100,9 @@ def _affine_run(x, y, scale, shift, steps=15):
     model.layers[0].set_weights([
         kernel / scale[:, None], bias - (shift / scale) @ kernel])
     model.compile(
-        optimizer=keras_bnp.BNP(0.05, momentum=0.9, epsilon=1e-7,
-                                statistics_momentum=0.0),
+        optimizer=keras_bnp.BNP(
+            0.05, momentum=0.9, statistics_momentum=0.0,
+            **{"epsilon": 1e-7, **bnp_arguments}),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     inputs = (scale * x + shift).astype("float32")
@@ -127,6 +130,25 @@ def test_training_is_invariant_to_affine_input_changes(seed):
     assert_allclose(moved, reference, atol=2e-3, rtol=0)
     assert np.abs(reference - _affine_run(x, y, np.ones(4), np.zeros(4),
                                           steps=0)).max() > 0.05
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e3])
+def test_default_damping_is_invariant_to_the_inputs_scale(scale):
+    # At the default (relative) epsilon, scaling all of a layer's inputs by
+    # the same factor changes nothing in training: the damping scales with
+    # their variance. An absolute epsilon of the same size does not.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4))
+    y = (x[:, 0] + x[:, 1] > 0).astype("int32") + (x[:, 2] > 1)
+    ones, zeros = np.ones(4), np.zeros(4)
+    relative = {"epsilon": 3.0}
+    reference = _affine_run(x, y, ones, zeros, **relative)
+    scaled = _affine_run(x, y, scale * ones, zeros, **relative)
+    assert_allclose(scaled, reference, atol=2e-4, rtol=0)
+    absolute = {"epsilon": 3.0, "relative_epsilon": False}
+    moved = _affine_run(x, y, scale * ones, zeros, **absolute)
+    assert np.abs(moved - _affine_run(x, y, ones, zeros, **absolute)
+                  ).max() > 0.05
 
 
 def test_sgd_is_not_affine_invariant():
