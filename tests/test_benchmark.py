@@ -157,3 +157,49 @@ def test_plots_are_drawn_from_results_alone(tmp_path):
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_deep_suite_reports_accuracy_and_time_to_batchnorm(tmp_path):
+    out = tmp_path / "deep"
+    benchmark.main([
+        "--deep", "--tasks", "deep_mlp", "--batch-sizes", "64",
+        "--seeds", "0", "--train-size", "512", "--methods", "batchnorm",
+        "bnp", "--timing-batch-sizes", "64", "--timing-rounds", "1",
+        "--out-dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    # sgd is added as the reference; each over the deep learning rates.
+    assert sorted((r["method"], r["learning_rate"]) for r in results) == sorted(
+        (m, lr) for m in ("sgd", "batchnorm", "bnp")
+        for lr in benchmark.DEEP_SGD_RATES)
+    for r in results:
+        # 8 evaluations over 8 steps; training time grows, accuracy is
+        # the final one.
+        assert [p[0] for p in r["progress"]] == list(range(1, 9))
+        assert np.all(np.diff([p[1] for p in r["progress"]]) > 0)
+        assert r["validation_accuracy"] == r["progress"][-1][2]
+    report = (out / "report.md").read_text()
+    timing = json.loads((out / "timing.json").read_text())["deep_mlp"]["64"]
+
+    def tuned(method):
+        runs = [r for r in results if r["method"] == method]
+        return max(runs, key=lambda r: r["validation_accuracy"])
+
+    target = tuned("batchnorm")["validation_accuracy"]
+    assert (f"training to BatchNorm's final validation accuracy "
+            f"(bs 64: {target:.3f})" in report)
+    for method in ("sgd", "batchnorm", "bnp"):
+        best = tuned(method)
+        accuracy = (f"| {method} | {best['validation_accuracy']:.3f} ± "
+                    f"0.000 (lr {best['learning_rate']:g}) |")
+        assert accuracy in report
+        reached = [p for p in best["progress"] if p[2] >= target]
+        if reached:  # steps times the cost table's step time
+            step = reached[0][0]
+            seconds = step * timing[0][method]["train"]
+            assert (f"| {method} | {step} steps, {seconds:.1f} s (1/1) |"
+                    in report)
+        else:
+            assert f"| {method} | — (0/1) |" in report
+    assert "![deep_mlp, batch size 64](deep_mlp_bs64_progress.png)" in report
+    png = (out / "deep_mlp_bs64_progress.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
