@@ -1,4 +1,4 @@
-"""Train a model on MNIST with BNP or a baseline, and sweep settings.
+r"""Train a model on MNIST with BNP or a baseline, and sweep settings.
 
 One function, `run`, is the measuring instrument behind the demo, the
 defaults study (`docs/defaults.md`), the benchmark (`keras_bnp.benchmark`)
@@ -22,12 +22,11 @@ import math
 import os
 import time
 
-import keras
 import numpy as np
 
+import keras_bnp
+from keras_bnp import _cli
 from keras_bnp import data
-from keras_bnp.model import BNPSequential
-from keras_bnp.optimizer import BNP
 
 # method: (optimizer family, normalization layer after each hidden layer)
 METHOD_SPECS = {
@@ -72,6 +71,8 @@ def input_shape(task, dataset="mnist"):
 
 
 def _normalization(kind):
+    import keras
+
     return {
         "batch": keras.layers.BatchNormalization,
         "layer": keras.layers.LayerNormalization,
@@ -84,6 +85,10 @@ def build_model(task, normalization=None, hidden=(128,), seed=0,
     """A ReLU MLP (on flattened images) or a small CNN for `dataset`'s
     images, with logits out and an optional normalization layer before every
     hidden activation."""
+    import keras
+
+    from keras_bnp.model import BNPSequential
+
     keras.utils.set_random_seed(seed)
     if task == "mlp":
         hidden_layers = [keras.layers.Dense(units) for units in hidden]
@@ -109,6 +114,10 @@ def build_model(task, normalization=None, hidden=(128,), seed=0,
 
 
 def _optimizer(family, learning_rate, momentum, bnp_settings):
+    import keras
+
+    from keras_bnp.optimizer import BNP
+
     if family in ("bnp", "bnp_adam"):
         # `None` keeps BNP's own default.
         settings = {k: v for k, v in bnp_settings.items() if v is not None}
@@ -136,6 +145,8 @@ def compiled_model(
 ):
     """`build_model` for `method`, compiled with its optimizer and a
     from-logits cross-entropy; `compile_kwargs` go to `compile`."""
+    import keras
+
     if method not in METHODS:
         raise ValueError(
             f"Argument `method` must be one of {METHODS}. "
@@ -192,6 +203,8 @@ def run(
         `loss_curve` and `validation_curve` (per epoch) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
+    from keras_bnp.optimizer import BNP
+
     dataset = dataset_for(task, source)
     model = compiled_model(
         method, learning_rate, task=task, momentum=momentum, epsilon=epsilon,
@@ -358,25 +371,31 @@ def tuned_table(cells, setting):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.experiment", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_cli.HelpFormatter,
     )
     parser.add_argument("--methods", nargs="+", default=["sgd", "bnp"],
-                        choices=["sgd", "bnp"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4])
+                        choices=["sgd", "bnp"], help="methods to train")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4],
+                        help="batch sizes to train at")
     parser.add_argument(
         "--learning-rates", nargs="+", type=float,
-        default=[0.001, 0.003, 0.01, 0.03, 0.1],
+        default=[0.001, 0.003, 0.01, 0.03, 0.1], help="learning rates to try",
     )
-    defaults = inspect.signature(BNP).parameters
     parser.add_argument("--epsilons", nargs="+", type=float,
-                        default=[defaults["epsilon"].default])
+                        help="BNP epsilons to try (default: BNP's own)")
     parser.add_argument("--statistics-momenta", nargs="+", type=float,
-                        default=[defaults["statistics_momentum"].default])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--train-size", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=1)
+                        help="BNP statistics momenta to try (default: BNP's "
+                        "own)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="random seeds (weights and data order)")
+    parser.add_argument("--train-size", type=int, default=3000,
+                        help="training images seen per epoch")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="epochs per run")
     parser.add_argument("--source", choices=["bundled", "tfds"],
-                        default="bundled")
+                        default="bundled",
+                        help="the bundled MNIST sample (offline), or full "
+                        "MNIST through tensorflow_datasets")
     parser.add_argument("--out", required=True, help="JSON file of results")
     parser.add_argument("--report", action="store_true",
                         help="print Markdown tables of --out and exit")
@@ -389,11 +408,18 @@ def main(argv=None):
     if args.report:
         print(report(results))
         return
+    if args.source == "tfds":
+        _cli.require("tensorflow_datasets", "data", "--source tfds")
+    keras_bnp._import_api()
+    bnp_defaults = inspect.signature(keras_bnp.BNP).parameters
+    epsilons = args.epsilons or [bnp_defaults["epsilon"].default]
+    momenta = args.statistics_momenta or [
+        bnp_defaults["statistics_momentum"].default]
     done = {_key(r) for r in results}
     for method, batch_size, lr, seed in itertools.product(
         args.methods, args.batch_sizes, args.learning_rates, args.seeds
     ):
-        bnp_grid = itertools.product(args.epsilons, args.statistics_momenta)
+        bnp_grid = itertools.product(epsilons, momenta)
         for epsilon, statistics_momentum in (
             bnp_grid if method == "bnp" else [(None, None)]
         ):
