@@ -1,6 +1,8 @@
 """Shared test helpers and small models."""
 
 import functools
+import pathlib
+import re
 
 import keras
 import numpy as np
@@ -8,6 +10,13 @@ import pytest
 import tensorflow as tf
 
 import keras_bnp
+
+
+def repository_url():
+    """The project's address, as setup.py sets it (its one place)."""
+    setup = pathlib.Path(__file__).parent.parent / "setup.py"
+    return re.search(r'^REPOSITORY_URL = "([^"]+)"$', setup.read_text(),
+                     re.M).group(1)
 
 
 def assert_allclose(actual, desired, atol=1e-6, rtol=1e-6):
