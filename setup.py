@@ -68,14 +68,14 @@ setup(
     ],
     keywords=["keras", "tensorflow", "optimizer", "batch normalization",
               "preconditioning"],
-    # The oldest versions the test suite has run against (Keras 3.14
-    # needs Python 3.11).
+    # The oldest versions the tests have run against: Python 3.11,
+    # TensorFlow 2.16.2, Keras 3.14.0 (which needs Python 3.11).
     python_requires=">=3.11",
     packages=find_packages(include=["keras_bnp", "keras_bnp.*"]),
     package_data={"keras_bnp": ["data/mnist10k.npz", "data/README.md",
                                 "data/LICENSE"]},
     install_requires=[
-        "tensorflow>=2.20,<2.22",
+        "tensorflow>=2.16,<2.22",
         "keras>=3.14,<3.16",
         "numpy",
     ],
