@@ -1,26 +1,11 @@
 """keras_bnp: Batch Normalization Preconditioning for Keras 3.
 
 Public API: `BNP` (the optimizer), `BNPMixin` (the training step),
-`BNPModel` and `BNPSequential`.
+`BNPModel`, `BNPSequential`, and `scale_to_unit_variance` (the initial
+scaling of the layers).
 """
 
-import keras
-
-if not keras.__version__.startswith("3.") or keras.backend.backend() != (
-    "tensorflow"
-):
-    raise ImportError(
-        "keras_bnp needs Keras 3 with the TensorFlow backend. Received: "
-        f"keras {keras.__version__}, backend '{keras.backend.backend()}'. "
-        "Set KERAS_BACKEND=tensorflow before importing keras."
-    )
-
-from keras_bnp import callbacks  # noqa: E402
-from keras_bnp.model import BNPMixin  # noqa: E402
-from keras_bnp.model import BNPModel  # noqa: E402
-from keras_bnp.model import BNPSequential  # noqa: E402
-from keras_bnp.initialization import scale_to_unit_variance  # noqa: E402
-from keras_bnp.optimizer import BNP  # noqa: E402
+import sys
 
 __version__ = "0.1.0"
 __all__ = [
@@ -32,3 +17,45 @@ __all__ = [
     "scale_to_unit_variance",
     "__version__",
 ]
+
+
+def _import_api():
+    """Checks for Keras 3 on TensorFlow, then imports the public API (which
+    registers BNP's classes for `keras.models.load_model`)."""
+    import keras
+
+    if not keras.__version__.startswith("3.") or keras.backend.backend() != (
+        "tensorflow"
+    ):
+        raise ImportError(
+            "keras_bnp needs Keras 3 with the TensorFlow backend. Received: "
+            f"keras {keras.__version__}, backend "
+            f"'{keras.backend.backend()}'. Set KERAS_BACKEND=tensorflow "
+            "before importing keras."
+        )
+    from keras_bnp import callbacks
+    from keras_bnp.initialization import scale_to_unit_variance
+    from keras_bnp.model import BNPMixin
+    from keras_bnp.model import BNPModel
+    from keras_bnp.model import BNPSequential
+    from keras_bnp.optimizer import BNP
+
+    globals().update(
+        BNP=BNP, BNPMixin=BNPMixin, BNPModel=BNPModel,
+        BNPSequential=BNPSequential, callbacks=callbacks,
+        scale_to_unit_variance=scale_to_unit_variance,
+    )
+
+
+def _running_a_command():
+    """Whether Python imports this package to run one of its modules,
+    `python -m keras_bnp.<module>`. Such a command parses its arguments
+    (and answers `--help`) first, then calls `_import_api` itself."""
+    argv = getattr(sys, "orig_argv", [])
+    return sys.argv[:1] == ["-m"] and any(
+        a == "-m" and b.startswith("keras_bnp.")
+        for a, b in zip(argv, argv[1:]))
+
+
+if not _running_a_command():
+    _import_api()

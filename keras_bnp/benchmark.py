@@ -11,6 +11,10 @@ training time (interleaved, as a ratio to SGD), inference time and optimizer
 state size. Writes to `--out-dir`: `results.json` (every run; an existing
 file is resumed, so a sweep can be split or interrupted), `timing.json`,
 `report.md` and PNG plots.
+
+The plots need matplotlib: `pip install "keras-bnp[benchmark]"` (in a
+clone, `pip install -e ".[benchmark]"`); the command checks for it before
+the first run.
 """
 
 import argparse
@@ -22,21 +26,24 @@ import platform
 import sys
 import time
 
-import keras
 import numpy as np
-import tensorflow as tf
 
+import keras_bnp
+from keras_bnp import _cli
 from keras_bnp import data
 from keras_bnp import experiment
 
 SGD_RATES = (0.003, 0.01, 0.03)
 ADAM_RATES = (0.0003, 0.001, 0.003)
+SHALLOW_METHODS = ["sgd", "bnp", "batchnorm", "layernorm", "groupnorm",
+                   "adam", "bnp_adam"]
 DEFAULTS = {
     "tasks": ["mlp"],
     "batch_sizes": [1, 2, 4, 16, 64, 256],
     "seeds": [0, 1, 2],
     "train_size": 2000,
     "epochs": 2,
+    "methods": SHALLOW_METHODS,
 }
 FULL = {
     "tasks": ["mlp", "cnn"],
@@ -44,6 +51,7 @@ FULL = {
     "seeds": [0, 1, 2, 3, 4],
     "train_size": 7000,
     "epochs": 3,
+    "methods": SHALLOW_METHODS,
 }
 # The deep suite: networks where BatchNorm matters most, without
 # normalization layers unless a method adds them; validation accuracy is
@@ -59,9 +67,6 @@ DEEP = {
                 "adam", "adamw", "muon", "bnp", "bnp_adam"],
 }
 DEEP_SGD_RATES = (0.003, 0.01, 0.03, 0.1)
-# The methods of the shallow presets.
-SHALLOW_METHODS = ("sgd", "bnp", "batchnorm", "layernorm", "groupnorm",
-                   "adam", "bnp_adam")
 
 
 DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
@@ -132,6 +137,8 @@ def _step_loops(model, x, y, jit_compile):
     """Compiled loops of `steps` training steps (the model's own
     `train_step`, as `fit` runs it) and of `steps` inference calls on one
     fixed batch: no input pipeline, only the work of the step."""
+    import tensorflow as tf
+
     x, y = tf.constant(x), tf.constant(y)
 
     @tf.function(jit_compile=jit_compile)
@@ -344,6 +351,9 @@ def _progress_tables(config, results, timings, task):
 
 def report(config, results, timings, target, command):
     """The Markdown report."""
+    import keras
+    import tensorflow as tf
+
     methods = config["methods"]
     datasets = "; ".join(
         f"{task.upper()} on "
@@ -573,34 +583,55 @@ def _positive_int(text):
     return value
 
 
+def _default_help(text, name):
+    """`text` with the default of `name` and its values under `--full` and
+    `--deep`."""
+    def typed(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else value
+
+    return (f"{text} (default: {typed(DEFAULTS[name])}; with --full: "
+            f"{typed(FULL[name])}; with --deep: {typed(DEEP[name])})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.benchmark", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_cli.HelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help="MLP and CNN, 7000 images, 3 epochs, 5 seeds")
     parser.add_argument("--deep", action="store_true",
                         help="the deep suite: 8x256 MLP, VGG-style and "
                         "ResNet-20-style CNNs, against every baseline, "
                         "with accuracy against training time")
-    parser.add_argument("--tasks", nargs="+", choices=experiment.TASKS)
-    parser.add_argument("--methods", nargs="+", choices=experiment.METHODS)
-    parser.add_argument("--batch-sizes", nargs="+", type=int)
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--train-size", type=int)
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--tasks", nargs="+", choices=experiment.TASKS,
+                        help=_default_help("models to train", "tasks"))
+    parser.add_argument("--methods", nargs="+", choices=experiment.METHODS,
+                        help=_default_help(
+                            "methods to compare (sgd, the reference of "
+                            "every ratio, is always added)", "methods"))
+    parser.add_argument("--batch-sizes", nargs="+", type=int,
+                        help=_default_help("batch sizes", "batch_sizes"))
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help=_default_help("random seeds", "seeds"))
+    parser.add_argument("--train-size", type=int,
+                        help=_default_help("training images", "train_size"))
+    parser.add_argument("--epochs", type=int,
+                        help=_default_help("epochs per run", "epochs"))
     parser.add_argument("--data", dest="source", choices=["bundled", "tfds"],
                         default="bundled",
                         help="bundled MNIST sample (offline), or via "
                         "tensorflow_datasets full MNIST for the MLP and "
-                        "CIFAR-10 for the CNN")
+                        "CIFAR-10 for the CNN (needs the `data` extra and "
+                        "the internet once)")
     parser.add_argument("--target", type=float, default=0.85,
                         help="validation accuracy for 'epochs to target'")
     parser.add_argument("--timing-batch-sizes", nargs="*", type=int,
-                        default=[128], help="batch sizes of the cost table")
+                        default=[128], help="batch sizes of the cost table "
+                        "(none: no cost table)")
     parser.add_argument("--timing-tasks", nargs="+", choices=experiment.TASKS,
                         help="tasks of the cost table (default: --tasks)")
-    parser.add_argument("--timing-rounds", type=_positive_int, default=5)
+    parser.add_argument("--timing-rounds", type=_positive_int, default=5,
+                        help="interleaved rounds per cost measurement")
     parser.add_argument("--timing-processes", type=_positive_int,
                         default=1,
                         help="repeat the cost table in this many fresh "
@@ -612,11 +643,16 @@ def main(argv=None):
     parser.add_argument("--timing-jit-compile", action="store_true",
                         help="time steps compiled whole with XLA "
                         "(jit_compile=True) instead of graph steps")
-    parser.add_argument("--out-dir", default="benchmark_out")
+    parser.add_argument("--out-dir", default="benchmark_out",
+                        help="folder of the results, report and plots")
     args = parser.parse_args(argv)
+    # Everything it needs, before the first run: the plots come last.
+    _cli.require("matplotlib", "benchmark", "python -m keras_bnp.benchmark")
+    if args.source == "tfds":
+        _cli.require("tensorflow_datasets", "data", "--data tfds")
+    keras_bnp._import_api()
 
     config = dict(DEEP if args.deep else FULL if args.full else DEFAULTS)
-    config.setdefault("methods", list(SHALLOW_METHODS))
     for name in ("tasks", "batch_sizes", "seeds", "train_size", "epochs",
                  "methods"):
         if getattr(args, name) is not None:

@@ -1,5 +1,7 @@
 """Datasets for the demo and experiments: a bundled MNIST sample, or
-MNIST and CIFAR-10 through `tensorflow_datasets` when online.
+MNIST and CIFAR-10 through `tensorflow_datasets` when online (offline, the
+tfds loaders raise `ConnectionError` within seconds, unless an earlier
+download is on disk).
 
 The bundled `data/mnist10k.npz` holds 10 000 real MNIST digits with a fixed
 train/test split (8000/2000); see `data/README.md` for its source and
@@ -7,8 +9,15 @@ licence.
 """
 
 import importlib.resources
+import logging
+import socket
+import threading
 
 import numpy as np
+
+# The host tensorflow_datasets downloads each dataset from.
+DOWNLOAD_HOSTS = {"mnist": "storage.googleapis.com",
+                  "cifar10": "www.cs.toronto.edu"}
 
 
 def load_mnist(source="bundled"):
@@ -54,14 +63,53 @@ def _tfds_arrays(name):
             "Loading through tensorflow_datasets needs it installed: "
             "`pip install keras-bnp[data]`."
         ) from None
+    host = DOWNLOAD_HOSTS[name]
+    # Offline, tfds would retry its download for minutes: it may then only
+    # read what an earlier download left on disk (quietly: not finding it
+    # there is the error below, not a warning).
+    download = reachable(host)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if not download:
+        absl_logger.setLevel(logging.ERROR)
+    try:
+        splits = tfds.load(name, split=["train", "test"], download=download)
+    except AssertionError:  # tfds: not on disk, and no download allowed
+        raise ConnectionError(
+            f"Cannot download {name!r} through tensorflow_datasets: {host} "
+            "does not answer (offline?) and no earlier download is on disk. "
+            "Connect and retry, or use the bundled MNIST sample: "
+            "load_mnist('bundled')."
+        ) from None
+    finally:
+        absl_logger.setLevel(level)
     arrays = []
-    for split in tfds.load(name, split=["train", "test"]):
+    for split in splits:
         # Batches, not `batch_size=-1`, whose single batch is sized by the
         # dataset's recorded example count.
         batches = list(tfds.as_numpy(split.batch(10_000)))
         arrays += [np.concatenate([batch[key] for batch in batches])
                    for key in ("image", "label")]
     return arrays
+
+
+def reachable(host, port=443, timeout=3.0):
+    """Whether a TCP connection to `host` opens within `timeout` seconds,
+    name lookup included (which can hang offline, so it runs in a thread
+    that is left behind if it does)."""
+    opened = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 def _scaled(x_train, y_train, x_test, y_test):

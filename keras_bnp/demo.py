@@ -9,21 +9,32 @@ size and at a tiny one, where BatchNormalization cannot help.
 
 import argparse
 
+import keras_bnp
+from keras_bnp import _cli
 from keras_bnp import experiment
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.demo", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_cli.HelpFormatter,
     )
     parser.add_argument("--source", choices=["bundled", "tfds"],
-                        default="bundled")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 2])
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=0.01)
-    parser.add_argument("--train-size", type=int, default=7000)
+                        default="bundled",
+                        help="the bundled MNIST sample (offline), or full "
+                        "MNIST through tensorflow_datasets (needs the `data` "
+                        "extra)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 2],
+                        help="batch sizes to train at")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs")
+    parser.add_argument("--learning-rate", type=float, default=0.01,
+                        help="learning rate of both methods")
+    parser.add_argument("--train-size", type=int, default=7000,
+                        help="training images")
     args = parser.parse_args(argv)
+    if args.source == "tfds":
+        _cli.require("tensorflow_datasets", "data", "--source tfds")
+    keras_bnp._import_api()
 
     print(
         f"MLP 784-256-256-10 on MNIST ({args.source}), {args.epochs} "

@@ -1,4 +1,4 @@
-"""Train a model on MNIST with BNP or a baseline, and sweep settings.
+r"""Train a model on MNIST with BNP or a baseline, and sweep settings.
 
 One function, `run`, is the measuring instrument behind the demo, the
 defaults study (`docs/defaults.md`), the benchmark (`keras_bnp.benchmark`)
@@ -22,12 +22,11 @@ import math
 import os
 import time
 
-import keras
 import numpy as np
 
+import keras_bnp
+from keras_bnp import _cli
 from keras_bnp import data
-from keras_bnp.model import BNPModel
-from keras_bnp.optimizer import BNP
 
 # method: (optimizer family, normalization layer after each hidden layer)
 METHOD_SPECS = {
@@ -85,6 +84,8 @@ def input_shape(task, dataset="mnist"):
 
 
 def _normalization(kind):
+    import keras
+
     return {
         "batch": keras.layers.BatchNormalization,
         "layer": keras.layers.LayerNormalization,
@@ -110,6 +111,10 @@ def build_model(task, normalization=None, hidden=(128,), seed=0,
       convolutions (a strided 1x1 convolution on the shortcut where the
       shape changes), global average pooling, Dense.
     """
+    import keras
+
+    from keras_bnp.model import BNPModel
+
     if task not in TASKS:
         raise ValueError(
             f"Argument `task` must be one of {TASKS}. Received: task={task!r}"
@@ -155,6 +160,10 @@ def build_model(task, normalization=None, hidden=(128,), seed=0,
 
 
 def _optimizer(family, learning_rate, momentum, bnp_options):
+    import keras
+
+    from keras_bnp.optimizer import BNP
+
     if family in ("bnp", "bnp_adam"):
         settings = {k: v for k, v in (bnp_options or {}).items()
                     if v is not None}
@@ -188,6 +197,8 @@ def compiled_model(
     """`build_model` for `method`, compiled with its optimizer and a
     from-logits cross-entropy; `bnp_options` (a dict of `BNP_OPTIONS`) go to
     BNP, `compile_kwargs` to `compile`."""
+    import keras
+
     if method not in METHODS:
         raise ValueError(
             f"Argument `method` must be one of {METHODS}. "
@@ -203,33 +214,36 @@ def compiled_model(
     return model
 
 
-class _Progress(keras.callbacks.Callback):
-    """Validation accuracy against steps and training time, every `every`
-    steps and at the end; the time spent evaluating is not counted."""
+def _progress(x, y, every):
+    """A callback recording `(step, training seconds, validation accuracy)`
+    in its `points`, every `every` steps and at the end; the time spent
+    evaluating is not counted."""
+    import keras
 
-    def __init__(self, x, y, every):
-        super().__init__()
-        self.x, self.y, self.every = x, y, every
-        self.points = []
-        self._seconds = 0.0
-        self._since = time.perf_counter()
+    class Progress(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.points = []
+            self._seconds = 0.0
+            self._since = time.perf_counter()
 
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step >= (len(self.points) + 1) * self.every:
-            self.record(step)
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            if step >= (len(self.points) + 1) * every:
+                self.record(step)
 
-    def on_train_end(self, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if not self.points or self.points[-1][0] != step:
-            self.record(step)
+        def on_train_end(self, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            if not self.points or self.points[-1][0] != step:
+                self.record(step)
 
-    def record(self, step):
-        self._seconds += time.perf_counter() - self._since
-        _, accuracy = self.model.evaluate(
-            self.x, self.y, batch_size=500, verbose=0)
-        self.points.append((step, self._seconds, float(accuracy)))
-        self._since = time.perf_counter()
+        def record(self, step):
+            self._seconds += time.perf_counter() - self._since
+            _, accuracy = self.model.evaluate(x, y, batch_size=500, verbose=0)
+            self.points.append((step, self._seconds, float(accuracy)))
+            self._since = time.perf_counter()
+
+    return Progress()
 
 
 def run(
@@ -274,8 +288,8 @@ def run(
         training loss above the `ln(10)` of a uniform guess), `seconds`
         (training time, without the validation), `loss_curve` and
         `validation_curve` (per epoch; empty with `progress_points`),
-        `progress` (`[step, seconds,
-        validation accuracy]` at each of the `progress_points`) and
+        `progress` (`[step, seconds, validation accuracy]` at each of the
+        `progress_points`) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
     dataset = dataset_for(task, source)
@@ -295,7 +309,7 @@ def run(
     )[:train_size]
     x_fit, y_fit = x_train[order], y_train[order]
     steps = epochs * math.ceil(train_size / batch_size)
-    progress = _Progress(x_val, y_val, max(1, steps // progress_points)
+    progress = _progress(x_val, y_val, max(1, steps // progress_points)
                          if progress_points else steps + 1)
     start = time.perf_counter()
     history = model.fit(
@@ -491,30 +505,39 @@ def _switch(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.experiment", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_cli.HelpFormatter,
     )
-    parser.add_argument("--tasks", nargs="+", default=["mlp"], choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=["mlp"], choices=TASKS,
+                        help="models to train (see build_model)")
     parser.add_argument("--methods", nargs="+", default=["sgd", "bnp"],
-                        choices=["sgd", "bnp"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4])
+                        choices=["sgd", "bnp"], help="methods to train")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4],
+                        help="batch sizes to train at")
     parser.add_argument(
         "--learning-rates", nargs="+", type=float,
-        default=[0.001, 0.003, 0.01, 0.03, 0.1],
+        default=[0.001, 0.003, 0.01, 0.03, 0.1], help="learning rates to try",
     )
-    defaults = inspect.signature(BNP).parameters
     parser.add_argument("--epsilons", nargs="+", type=float,
-                        default=[defaults["epsilon"].default])
+                        help="BNP epsilons to try (default: BNP's own)")
     parser.add_argument("--statistics-momenta", nargs="+", type=float,
-                        default=[defaults["statistics_momentum"].default])
+                        help="BNP statistics momenta to try (default: BNP's "
+                        "own)")
     for name in ("relative_epsilon", "initial_scaling"):
         parser.add_argument(
             "--" + name.replace("_", "-"), nargs="+", type=_switch,
-            default=[defaults[name].default], metavar="{on,off}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--train-size", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=1)
+            metavar="{on,off}",
+            help=f"BNP {name} settings to try (default: BNP's own)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="random seeds (weights and data order)")
+    parser.add_argument("--train-size", type=int, default=3000,
+                        help="training images seen per epoch")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="epochs per run")
     parser.add_argument("--source", choices=["bundled", "tfds"],
-                        default="bundled")
+                        default="bundled",
+                        help="the bundled MNIST sample (offline), or through "
+                        "tensorflow_datasets full MNIST for the MLPs and "
+                        "CIFAR-10 for the CNNs")
     parser.add_argument("--out", required=True, help="JSON file of results")
     parser.add_argument("--report", action="store_true",
                         help="print Markdown tables of --out and exit")
@@ -527,10 +550,17 @@ def main(argv=None):
     if args.report:
         print(report(results))
         return
-    done = {_key(r) for r in results}
+    if args.source == "tfds":
+        _cli.require("tensorflow_datasets", "data", "--source tfds")
+    keras_bnp._import_api()
+    defaults = inspect.signature(keras_bnp.BNP).parameters
+    given = {"epsilon": args.epsilons,
+             "statistics_momentum": args.statistics_momenta,
+             "relative_epsilon": args.relative_epsilon,
+             "initial_scaling": args.initial_scaling}
     bnp_grid = [dict(zip(BNP_OPTIONS, values)) for values in itertools.product(
-        args.epsilons, args.statistics_momenta, args.relative_epsilon,
-        args.initial_scaling)]
+        *(given[name] or [defaults[name].default] for name in BNP_OPTIONS))]
+    done = {_key(r) for r in results}
     for task, method, batch_size, lr, seed in itertools.product(
         args.tasks, args.methods, args.batch_sizes, args.learning_rates,
         args.seeds,

@@ -46,7 +46,8 @@ class BNPMixin:
         bnp = find_bnp(getattr(self, "optimizer", None))
         if bnp is not None:
             x = args[0] if args else kwargs.get("x")
-            verbose = (args[_FIT_VERBOSE_POSITION] if len(args) > _FIT_VERBOSE_POSITION
+            verbose = (args[_FIT_VERBOSE_POSITION]
+                       if len(args) > _FIT_VERBOSE_POSITION
                        else kwargs.get("verbose", "auto"))
             self._initial_scaling(bnp, x, print if verbose != 0 else None)
             if len(args) > _FIT_CALLBACKS_POSITION:

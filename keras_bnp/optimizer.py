@@ -469,8 +469,9 @@ class BNP(keras.optimizers.Optimizer):
     def statistics_summary(self, near_constant=1e-6):
         """Per tracked layer (in model order), a dict of diagnostics:
         `layer`, `class`, `in_channels`, `min_variance`, `max_scale` (the
-        largest `1 / (variance + damping)`, see `epsilon`) and `near_constant` (the number
-        of input channels with variance at most `near_constant`)."""
+        largest `1 / (variance + damping)`, see `epsilon`) and
+        `near_constant` (the number of input channels with variance at most
+        `near_constant`)."""
         rows = []
         for slot in sorted(self._slots.values(), key=lambda s: s.rank):
             variance = slot.moving_variance.numpy()

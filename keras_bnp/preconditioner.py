@@ -12,9 +12,7 @@ the borders the identity holds approximately.
 import math
 
 import numpy as np
-
 import tensorflow as tf
-
 
 # Relative to the mean square of the inputs, the smallest damping: it keeps
 # the float32 rounding of the centring `g_kernel - mean * g_bias` (about

@@ -1,9 +1,22 @@
 """Shared test helpers and small models."""
 
+import functools
+import pathlib
+import re
+
 import keras
 import numpy as np
+import pytest
+import tensorflow as tf
 
 import keras_bnp
+
+
+def repository_url():
+    """The project's address, as setup.py sets it (its one place)."""
+    setup = pathlib.Path(__file__).parent.parent / "setup.py"
+    return re.search(r'^REPOSITORY_URL = "([^"]+)"$', setup.read_text(),
+                     re.M).group(1)
 
 
 def assert_allclose(actual, desired, atol=1e-6, rtol=1e-6):
@@ -32,6 +45,31 @@ def shifted_inputs(rng, shape, channel_axis=-1):
     scale = rng.uniform(0.3, 3.0, channels).reshape(broadcast)
     offset = rng.uniform(-2.0, 2.0, channels).reshape(broadcast)
     return (rng.normal(size=shape) * scale + offset).astype("float32")
+
+
+@functools.cache
+def _channels_first_conv2d_error():
+    """TensorFlow's error for a tiny channels-first (NCHW) Conv2D step, the
+    op under Keras' `Conv2D` and `Conv1D`, or `None` if it runs. On CPU,
+    TensorFlow has this kernel only with oneDNN on (its default on CPUs with
+    AVX-512; `TF_ENABLE_ONEDNN_OPTS=0` turns it off)."""
+    kernel = tf.Variable(tf.ones((1, 1, 1, 1)))
+    try:
+        with tf.GradientTape() as tape:
+            outputs = tf.nn.conv2d(tf.ones((1, 1, 2, 2)), kernel, 1, "VALID",
+                                   data_format="NCHW")
+        tape.gradient(outputs, kernel)
+    except tf.errors.UnimplementedError as error:
+        return error.message.split("}} ")[-1]
+    return None
+
+
+def skip_without_channels_first_conv2d():
+    """Skips the test where TensorFlow has no channels-first Conv2D kernel
+    (Conv1D runs on the same kernel)."""
+    error = _channels_first_conv2d_error()
+    if error is not None:
+        pytest.skip(f"TensorFlow lacks this kernel here: {error}")
 
 
 def logits_loss():

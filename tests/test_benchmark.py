@@ -83,14 +83,6 @@ def test_tiny_benchmark_writes_report_plots_and_json(tmp_path):
     assert "| method | bs 32 |" in report and "batchnorm" not in report
 
 
-def test_help():
-    out = subprocess.run([sys.executable, "-m", "keras_bnp.benchmark",
-                          "--help"], check=True, capture_output=True,
-                         text=True, env=ENV, timeout=120).stdout
-    for flag in ("--full", "--data", "--timing-inputs", "--timing-jit-compile"):
-        assert flag in out
-
-
 def test_bad_timing_processes_is_a_usage_error():
     run = subprocess.run(COMMAND + ["--timing-processes", "0"],
                          capture_output=True, text=True, env=ENV, timeout=120)

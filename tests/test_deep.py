@@ -141,6 +141,7 @@ def test_first_fit_scales_the_layers_once():
     assert list(scales) == ["dense", "dense_1", "dense_2"]
     for layer, (kernel, bias) in zip(model.layers, zip(*[iter(before)] * 2)):
         assert_allclose(layer.kernel, scales[layer.name] * kernel, rtol=1e-6)
+        assert_allclose(layer.bias, scales[layer.name] * bias, rtol=1e-6)
     # On the first 256 examples, every layer's output has unit variance.
     probe = x[:256]
     for layer in model.layers:

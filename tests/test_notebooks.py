@@ -4,6 +4,7 @@ import pathlib
 
 import nbformat
 import pytest
+from helpers import repository_url
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted(
@@ -37,9 +38,13 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         assert "optimizer state restored exactly: True" in text
 
 
-def test_three_notebooks_with_colab_badges():
+def test_three_notebooks_with_colab_badges_to_the_repository():
     assert [p.name for p in NOTEBOOKS] == [
         "01_quickstart.ipynb", "02_small_batches.ipynb", "03_cnn.ipynb"]
+    repository = repository_url().removeprefix("https://github.com/")
     for path in NOTEBOOKS:
         first = nbformat.read(path, as_version=4).cells[0].source
-        assert "colab-badge.svg" in first and path.name in first
+        link = (f"https://colab.research.google.com/github/{repository}/blob/"
+                f"main/notebooks/{path.name}")
+        # Where setup.py's REPOSITORY_URL changes, the badges change with it.
+        assert f"colab-badge.svg)]({link})" in first, link

@@ -7,6 +7,8 @@ random examples instead of the files.
 """
 
 import json
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -66,3 +68,26 @@ def test_benchmark_trains_the_mlp_on_mnist_and_the_cnn_on_cifar10(tmp_path):
         2 * c + 1 for c in (3, 16, 32, 1152)) + 3
     report = (tmp_path / "report.md").read_text()
     assert "Data: MLP on MNIST; CNN on CIFAR-10 (tfds), 32 training" in report
+
+
+def test_offline_load_fails_in_seconds_with_the_fallback(tmp_path,
+                                                        monkeypatch):
+    # A host that never resolves (RFC 6761), and no earlier download: tfds
+    # itself would retry for minutes, then raise its own error.
+    monkeypatch.setitem(data.DOWNLOAD_HOSTS, "mnist", "tfds-host.invalid")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=(
+            r"Cannot download 'mnist' through tensorflow_datasets: "
+            r"tfds-host.invalid does not answer .* load_mnist\('bundled'\)")):
+        data.load_mnist("tfds")
+    assert time.perf_counter() - start < 10
+
+
+def test_reachable_only_where_a_connection_opens():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert data.reachable("127.0.0.1", port)
+    # The server is closed: its port refuses.
+    assert not data.reachable("127.0.0.1", port)
+    assert not data.reachable("tfds-host.invalid")
