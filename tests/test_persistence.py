@@ -172,11 +172,21 @@ def test_optimizer_weights_api_includes_inner_state():
     other.optimizer.set_weights(values)
     for variable, value in zip(other.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
-    store = {}
+    # Keras files: BNP saves its own variables and the statistics, keyed by
+    # name and by the layer's path in the file; the inner optimizer saves
+    # its state itself (once).
+    store, inner_store = {}, {}
     bnp.save_own_variables(store)
-    assert len(store) == len(values)
+    bnp.inner_optimizer.save_own_variables(inner_store)
+    assert sorted(store) == [
+        "iteration", "layers.dense:moving_count", "layers.dense:moving_mean",
+        "layers.dense:moving_variance", "layers.dense_1:moving_count",
+        "layers.dense_1:moving_mean", "layers.dense_1:moving_variance",
+        "learning_rate", "skipped_statistics_updates"]
+    assert len(store) + len(inner_store) == len(values)
     third = _prepared("sequential")
     third.optimizer.load_own_variables(store)
+    third.optimizer.inner_optimizer.load_own_variables(inner_store)
     for variable, value in zip(third.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"received 2 weights"):
