@@ -104,7 +104,13 @@ class BNP(keras.optimizers.Optimizer):
     ```
 
     Step 1 keeps moving averages of the raw sums `n`, `sum(x)`, `sum(x^2)`
-    in centred form; dividing by `moving_count` corrects the start-up bias
+    in centred form: each batch's sums are taken of `x - moving_mean`, and
+    the first batch's (no running mean yet) of `x` minus its first
+    example's mean, so the variance is exact to float32 rounding of its
+    spread whatever the inputs' offset. A batch with a NaN or Inf, or
+    whose squared deviations overflow float32, leaves the statistics
+    unchanged (`skipped_statistics_updates_by_cause` counts them; `fit`
+    warns). Dividing by `moving_count` corrects the start-up bias
     (Adam's `1 - statistics_momentum ** t` for equal batch sizes) and weights
     a smaller last batch by its size. `mean(x)`, `var(x)` are over the batch
     and all spatial positions (the population variance, as
