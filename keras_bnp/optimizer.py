@@ -220,6 +220,7 @@ class BNP(keras.optimizers.Optimizer):
         self.__dict__["_slots"] = {}
         self.__dict__["_step_inputs"] = None
         self.__dict__["_model"] = None  # a weak reference, once tracked
+        self.__dict__["_places"] = None  # cache of `_saved_places`
 
     def build(self, var_list):
         """Builds the inner optimizer, and BNP's own variable:
@@ -313,6 +314,7 @@ class BNP(keras.optimizers.Optimizer):
                 ),
             )
         self.__dict__["_model"] = weakref.ref(model)
+        self.__dict__["_places"] = None
         if self.built:
             self._build_inner()
 
@@ -320,10 +322,13 @@ class BNP(keras.optimizers.Optimizer):
         """`(paths, order)` of the tracked model in its saved files (see
         `registry.saved_paths`): `{kernel key: layer path}` of the tracked
         layers, and `{variable key: (layer path, index)}` of its trainable
-        variables."""
+        variables. Walking the model takes a while (0.15 s for ResNet50), so
+        the result is kept until the next `_track`."""
         model = self._model and self._model()
         if model is None:
             return {}, {}
+        if self._places is not None:
+            return self._places
         paths = registry.saved_paths(model)
         order = {}
         for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -331,7 +336,8 @@ class BNP(keras.optimizers.Optimizer):
                 order[_key(variable)] = (paths.get(id(layer), ""), index)
         kernels = {key: path for key, (path, index) in order.items()
                    if key in self._slots}
-        return kernels, order
+        self.__dict__["_places"] = kernels, order
+        return self._places
 
     def _release(self, slot):
         """Drops a slot's variables from the optimizer's state."""
