@@ -613,20 +613,23 @@ class BNP(keras.optimizers.Optimizer):
 
     def load_own_variables(self, store):
         state = self._saved_state()
-        statistics = [key for key in state if ":" in key]
-        saved = [key for key in store.keys() if ":" in key]
-        if sorted(statistics) != sorted(saved) and (
-                saved or "skipped_statistics_updates" in store):
+        saved = set(store.keys())
+        # A BNP saved before it was built (a model never trained) has only
+        # Keras' own two variables.
+        unbuilt = saved <= {"iteration", "learning_rate"}
+        if saved != set(state) and not unbuilt:
             raise ValueError(
-                f"The saved state of BNP '{self.name}' has statistics of "
-                f"layers {_layer_keys(saved)}, but the model being loaded "
-                f"has {_layer_keys(statistics)} (by their paths in the "
-                "model's saved files). Load the file into the same "
-                "architecture it was saved from."
+                f"The saved state of optimizer '{self.name}' does not fit "
+                f"this BNP: it has statistics of layers "
+                f"{_layer_keys(saved)} and other variables "
+                f"{sorted(k for k in saved if ':' not in k)}, where this BNP "
+                f"has statistics of layers {_layer_keys(state)} (by their "
+                "paths in the model's saved files) and variables "
+                f"{sorted(k for k in state if ':' not in k)}. Load a file "
+                "saved from the same architecture, compiled with BNP."
             )
-        for key, variable in state.items():
-            if key in store:
-                variable.assign(store[key])
+        for key in saved:
+            state[key].assign(store[key])
 
     def get_weights(self):
         """The values of all variables (own, statistics, inner optimizer's),
@@ -765,8 +768,9 @@ def _all_replica_sums(sums):
 
 
 def _layer_keys(keys):
-    """The layer paths in state keys `path:field`, each once."""
-    return sorted({key.split(":")[0].replace(".", "/") for key in keys})
+    """The layer paths in the statistics' state keys `path:field`."""
+    return sorted({key.split(":")[0].replace(".", "/") for key in keys
+                   if ":" in key})
 
 
 def find_bnp(optimizer):

@@ -441,3 +441,19 @@ def test_saved_optimizer_holds_each_state_once(tmp_path):
         inner_optimizer=keras.optimizers.Adam(1e-3)), loss=logits_loss())
     loaded.load_weights(tmp_path / "m.weights.h5")
     _assert_same_state(model, loaded, atol=0)
+
+
+def test_state_of_another_optimizer_is_refused(tmp_path):
+    # Weights saved with Adam, loaded into a model compiled with BNP: an
+    # error that names what the file has and what BNP needs (before, a
+    # warning, and training went on with fresh statistics).
+    adam = _compiled("sequential")
+    adam.compile(optimizer="adam", loss=logits_loss())
+    adam.fit(X, Y, **FIT)
+    adam.save_weights(tmp_path / "adam.weights.h5")
+    model = _compiled("sequential")
+    with pytest.raises(ValueError, match=r"does not fit this BNP: it has "
+                       r"statistics of layers \[\] and other variables "
+                       r"\['0', '1'.*statistics of layers \['layers/dense', "
+                       r"'layers/dense_1'\]"):
+        model.load_weights(tmp_path / "adam.weights.h5")
