@@ -221,6 +221,7 @@ class BNP(keras.optimizers.Optimizer):
         self.__dict__["_step_inputs"] = None
         self.__dict__["_model"] = None  # a weak reference, once tracked
         self.__dict__["_places"] = None  # cache of `_saved_places`
+        self.__dict__["_released"] = set()  # ids of released variables
 
     def build(self, var_list):
         """Builds the inner optimizer, and BNP's own variable:
@@ -340,11 +341,17 @@ class BNP(keras.optimizers.Optimizer):
         return self._places
 
     def _release(self, slot):
-        """Drops a slot's variables from the optimizer's state."""
-        released = {id(v) for v in slot.variables}
-        for index in reversed(range(len(self._variables))):
-            if id(self._variables[index]) in released:
-                del self._variables[index]
+        """Leaves a slot's variables out of the optimizer's state (they stay
+        in `_variables`, which TensorFlow's checkpoints track as an
+        append-only list)."""
+        self._released.update(id(v) for v in slot.variables)
+
+    def _own_variables(self):
+        """BNP's own variables: neither statistics nor released ones."""
+        statistics_variables = {id(v) for s in self._slots.values()
+                                for v in s.variables}
+        return [v for v in self._variables if id(v) not in
+                statistics_variables and id(v) not in self._released]
 
     def _statistics_variable(self, shape, initializer, name):
         # Under a tf.distribute strategy each replica keeps its own copy and
@@ -580,9 +587,8 @@ class BNP(keras.optimizers.Optimizer):
         """
         statistics_variables = [v for _, s in self._saved_slots()
                                 for v in s.variables]
-        tracked = {id(v) for v in statistics_variables}
-        own = [v for v in self._variables if id(v) not in tracked]
-        return own + statistics_variables + self.inner_optimizer.variables
+        return (self._own_variables() + statistics_variables
+                + self.inner_optimizer.variables)
 
     def _saved_slots(self):
         """`(layer path, slot)` pairs, in the order of the paths (by rank
@@ -597,14 +603,10 @@ class BNP(keras.optimizers.Optimizer):
         variables by name, each layer's statistics by the layer's path in
         the model's files. Keras saves the inner optimizer's state on its
         own, under `inner_optimizer`."""
-        state = {}
+        state = {variable.name: variable for variable in self._own_variables()}
         for path, slot in self._saved_slots():
             for field, variable in zip(_Slot.FIELDS, slot.variables):
                 state[f"{path.replace('/', '.')}:{field}"] = variable
-        tracked = {id(v) for v in state.values()}
-        for variable in self._variables:
-            if id(variable) not in tracked:
-                state[variable.name] = variable
         return state
 
     def save_own_variables(self, store):

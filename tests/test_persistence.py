@@ -379,7 +379,7 @@ def test_k_fold_reuse_is_refused_and_leaves_the_first_model_intact(tmp_path):
             assert_allclose(a, b, atol=0, rtol=0)
 
 
-def test_popped_layer_is_released():
+def test_popped_layer_is_released(tmp_path):
     # After `pop` (and compiling again with the same optimizer), BNP keeps
     # no statistics of the removed layer, and saves those of the layers
     # the model has, which a model of that architecture loads. (The inner
@@ -400,6 +400,8 @@ def test_popped_layer_is_released():
     assert len(bnp._slots) == 2
     with pytest.raises(ValueError, match=r"no statistics for layer"):
         bnp.layer_statistics(popped)
+    # TensorFlow checkpoints still save (their variable list is append-only).
+    tf.train.Checkpoint(model=model, optimizer=bnp).save(str(tmp_path / "c"))
     store = {}
     bnp.save_own_variables(store)
     other = build([5, OUT])
