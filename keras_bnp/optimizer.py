@@ -395,6 +395,11 @@ class BNP(keras.optimizers.Optimizer):
         if step_inputs is None:
             raise RuntimeError(_MISSING_CAPTURE)
         self.__dict__["_step_inputs"] = None
+        # A copy: under a tf.distribute strategy, while this replica waits
+        # in an all-reduce, the next one's forward pass runs through the
+        # layers this one patched and records its inputs here too.
+        step_inputs = {layer: list(inputs)
+                       for layer, inputs in step_inputs.items()}
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
