@@ -6,7 +6,6 @@ starts.
 """
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -15,9 +14,10 @@ import sys
 import numpy as np
 import pytest
 from helpers import assert_allclose
+from helpers import subprocess_env
 
 SCRIPT = pathlib.Path(__file__).parent / "distributed_run.py"
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+ENV = subprocess_env()
 
 
 def _load(path):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from helpers import assert_allclose
 from helpers import logits_loss
 from helpers import shifted_inputs
+from helpers import subprocess_env
 from models import IN
 from models import MODEL_KINDS
 from models import OUT
@@ -334,13 +335,10 @@ def test_reload_with_layers_created_in_another_order(momentum, tmp_path):
     script = tmp_path / "reordered.py"
     script.write_text(_REORDERED)
     path = str(tmp_path / "m.keras")
-    # The keras_bnp this process tests, not another installed copy.
-    package = os.path.dirname(os.path.dirname(keras_bnp.__file__))
     for order in ("saved", "reversed"):
         subprocess.run(
             [sys.executable, str(script), path, str(momentum)], check=True,
-            timeout=300, env=dict(os.environ, ORDER=order, PYTHONPATH=package,
-                                  TF_CPP_MIN_LOG_LEVEL="3"))
+            timeout=300, env=subprocess_env(ORDER=order))
     with np.load(path + ".saved.npz") as saved, np.load(
             path + ".reversed.npz") as loaded:
         assert sorted(saved.files) == sorted(loaded.files)
