@@ -75,29 +75,39 @@ class StatisticsLogger(keras.callbacks.Callback):
 
 
 class NonFiniteInputWarning(keras.callbacks.Callback):
-    """Warns once when BNP skipped statistics updates on NaN/Inf inputs.
+    """Warns once per cause when BNP skipped statistics updates: inputs with
+    NaN or Inf, or finite inputs whose squares overflow float32.
 
     `BNPMixin.fit` adds it; the check runs at the end of each epoch, so no
     training step waits for the host.
     """
 
+    _CAUSES = {
+        "non_finite_input": "a layer's input contained NaN or Inf. The "
+        "weights were updated by the inner optimizer as usual, so NaN "
+        "gradients may have reached them. Check the input data (e.g. with "
+        "keras.callbacks.TerminateOnNaN).",
+        "overflow": "a layer's input values were finite but so far apart "
+        "that the sum of their squared deviations overflowed float32 "
+        "(values apart by more than about sqrt(3e38 / values per channel "
+        "in the batch)). Rescale those input features, e.g. with a "
+        "keras.layers.Normalization layer, or use smaller batches.",
+    }
+
     def __init__(self):
         super().__init__()
-        self._warned = False
+        self._warned = set()
 
     def on_epoch_end(self, epoch, logs=None):
         bnp = find_bnp(self.model.optimizer)
-        if self._warned or bnp is None:
+        if bnp is None:
             return
-        skipped = bnp.skipped_statistics_updates
-        if skipped:
-            self._warned = True
-            warnings.warn(
-                f"BNP skipped {skipped} statistics update(s) (up to epoch "
-                f"{epoch + 1}) because a layer's input contained NaN or Inf. "
-                "The running statistics were left unchanged; the weights were "
-                "updated by the inner optimizer as usual, so NaN gradients "
-                "may have reached them. Check the input data (e.g. with "
-                "keras.callbacks.TerminateOnNaN).",
-                stacklevel=2,
-            )
+        for cause, skipped in bnp.skipped_statistics_updates_by_cause.items():
+            if skipped and cause not in self._warned:
+                self._warned.add(cause)
+                warnings.warn(
+                    f"BNP skipped {skipped} statistics update(s) (up to epoch "
+                    f"{epoch + 1}) because {self._CAUSES[cause]} The running "
+                    "statistics were left unchanged.",
+                    stacklevel=2,
+                )

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -13,6 +14,8 @@ from keras_bnp import preconditioner
 from keras_bnp import registry
 from keras_bnp import statistics
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _BASE_ARGUMENTS = (
     "weight_decay",
     "clipnorm",
@@ -24,6 +27,8 @@ _BASE_ARGUMENTS = (
     "loss_scale_factor",
     "gradient_accumulation_steps",
 )
+# Why a layer's statistics update can be skipped, as counted by BNP.
+SKIP_CAUSES = ("non_finite_input", "overflow")
 _MISSING_CAPTURE = (
     "BNP needs the inputs of the model's Dense/Conv layers, which only a "
     "model with `keras_bnp.BNPMixin` records. Build the model as "
@@ -38,7 +43,7 @@ _MISSING_CAPTURE = (
 def _key(variable):
     """Identifies a model variable. Not `Optimizer._var_key`, which reads
     the variable's value and so fails inside a mixed-precision layer call,
-    where `_track_layers` can run."""
+    where `_track` can run."""
     return id(variable)
 
 
@@ -48,7 +53,7 @@ class _Slot:
 
     Holds keys of model variables, never the variables themselves, so that
     they are not tracked into the optimizer. `rank` is the layer's position
-    among the model's supported layers, which fixes the saved order.
+    among the model's supported layers (the order of summaries).
     """
 
     rank: int
@@ -60,6 +65,8 @@ class _Slot:
     moving_mean: keras.Variable
     moving_variance: keras.Variable
     moving_count: keras.Variable
+
+    FIELDS = ("moving_mean", "moving_variance", "moving_count")
 
     @property
     def variables(self):
@@ -99,7 +106,13 @@ class BNP(keras.optimizers.Optimizer):
     ```
 
     Step 1 keeps moving averages of the raw sums `n`, `sum(x)`, `sum(x^2)`
-    in centred form; dividing by `moving_count` corrects the start-up bias
+    in centred form: each batch's sums are taken of `x - moving_mean`, and
+    the first batch's (no running mean yet) of `x` minus its first
+    example's mean, so the variance is exact to float32 rounding of its
+    spread whatever the inputs' offset. A batch with a NaN or Inf, or
+    whose squared deviations overflow float32, leaves the statistics
+    unchanged (`skipped_statistics_updates_by_cause` counts them; `fit`
+    warns). Dividing by `moving_count` corrects the start-up bias
     (Adam's `1 - statistics_momentum ** t` for equal batch sizes) and weights
     a smaller last batch by its size. `mean(x)`, `var(x)` are over the batch
     and all spatial positions (the population variance, as
@@ -206,9 +219,12 @@ class BNP(keras.optimizers.Optimizer):
                 "inner_optimizer, name."
             )
         epsilon = _as_float("epsilon", epsilon)
-        if not (epsilon > 0 and math.isfinite(epsilon)):
+        if not _FLOAT32_TINY <= epsilon <= _FLOAT32_MAX:
             raise ValueError(
-                "Argument `epsilon` must be a finite float > 0. "
+                "Argument `epsilon` must be a finite float > 0 that float32 "
+                "represents as a normal number (from 1.2e-38 to 3.4e38; "
+                "smaller values round to 0 or lose precision, and a "
+                "constant input then gives NaN), e.g. the default 3.0. "
                 f"Received: epsilon={epsilon}"
             )
         statistics_momentum = _as_float(
@@ -235,12 +251,16 @@ class BNP(keras.optimizers.Optimizer):
         # Python-side bookkeeping, kept out of Keras' variable tracking.
         self.__dict__["_slots"] = {}
         self.__dict__["_step_inputs"] = None
+        self.__dict__["_model"] = None  # a weak reference, once tracked
+        self.__dict__["_places"] = None  # cache of `_saved_places`
+        self.__dict__["_released"] = set()  # ids of released variables
 
     def build(self, var_list):
         """Builds the inner optimizer, and BNP's own variable:
-        - `skipped_statistics_updates`: shape `()`, how many (layer, step)
-          statistics updates were skipped because the layer's input had a
-          NaN or Inf.
+        - `skipped_statistics_updates`: shape `(2,)`, how many (layer,
+          step) statistics updates were skipped because the layer's input
+          had a NaN or Inf, and because its finite values' squares
+          overflowed float32.
 
         Per tracked layer, BNP adds (in `track`, not here, because only the
         model knows its layers) three float32 variables:
@@ -252,39 +272,68 @@ class BNP(keras.optimizers.Optimizer):
           of values per channel in each step (the normalizer that corrects
           the start-up bias).
         """
-        self.inner_optimizer.build(var_list)
         self._skipped_updates = self._statistics_variable(
-            (), "zeros", "skipped_statistics_updates"
+            (len(SKIP_CAUSES),), "zeros", "skipped_statistics_updates"
         )
         super().build(var_list)
+        if self._model is not None:
+            self._build_inner()
+
+    def _build_inner(self):
+        """Builds the inner optimizer, once BNP is built and knows its
+        model: with the variables in the order of the model's saved files,
+        so that the inner optimizer's state, which Keras saves by position,
+        matches them in a process that created the layers in another
+        order."""
+        if self.inner_optimizer.built:
+            return
+        _, order = self._saved_places()
+        self.inner_optimizer.build(sorted(
+            self._trainable_variables,
+            key=lambda v: (0, *order[_key(v)]) if _key(v) in order else (1,)))
 
     def track(self, model):
-        """Creates the statistics of `model`'s supported, built layers.
+        """Creates the statistics of `model`'s supported, built layers, and
+        releases those of layers no longer in it (e.g. popped).
 
         `BNPMixin` calls this before training and when a model is loaded. In
         a custom distributed loop, call `optimizer.build(
         model.trainable_variables)` and `optimizer.track(model)` under
         `strategy.scope()` before the first step.
         """
-        self._track_layers(registry.supported_layers(model))
+        self._track(model, registry.supported_layers(model))
 
-    def _track_layers(self, layers):
-        """`layers`: a model's supported layers, in `supported_layers`
-        order (which fixes the saved order of the statistics)."""
-        for rank, layer in enumerate(layers):
+    def _track(self, model, layers):
+        """`layers`: `model`'s supported layers, in `supported_layers`
+        order."""
+        specs = {}
+        for layer in layers:
             spec = registry.spec(layer)
-            if spec is None:
-                continue
-            key = _key(spec.kernel)
+            if spec is not None:
+                specs[_key(spec.kernel)] = layer, spec
+        built_for = {_key(v) for v in getattr(self, "_trainable_variables",
+                                              [])}
+        if self.built and model.trainable_variables and not any(
+                _key(v) in built_for for v in model.trainable_variables):
+            raise ValueError(
+                f"This BNP ('{self.name}') was built for the variables of "
+                f"another model, so it cannot train '{model.name}'; a Keras "
+                "optimizer keeps state per variable. Create a new BNP for "
+                "each model, e.g. inside the loop over the folds of a "
+                "k-fold cross-validation."
+            )
+        for key in [key for key in self._slots if key not in specs]:
+            self._release(self._slots.pop(key))
+        for rank, (key, (layer, spec)) in enumerate(specs.items()):
             if key in self._slots:
                 self._slots[key].rank = rank
                 continue
             channels = (spec.in_channels,)
-            slot = _Slot(
+            self._slots[key] = _Slot(
                 rank=rank,
                 layer_name=layer.name,
                 layer_class=type(layer).__name__,
-                kernel_key=_key(spec.kernel),
+                kernel_key=key,
                 bias_key=None if spec.bias is None else _key(spec.bias),
                 groups=spec.groups,
                 moving_mean=self._statistics_variable(
@@ -297,7 +346,44 @@ class BNP(keras.optimizers.Optimizer):
                     (), "zeros", f"{layer.name}_moving_count"
                 ),
             )
-            self._slots[slot.kernel_key] = slot
+        self.__dict__["_model"] = weakref.ref(model)
+        self.__dict__["_places"] = None
+        if self.built:
+            self._build_inner()
+
+    def _saved_places(self):
+        """`(paths, order)` of the tracked model in its saved files (see
+        `registry.saved_paths`): `{kernel key: layer path}` of the tracked
+        layers, and `{variable key: (layer path, index)}` of its trainable
+        variables. Walking the model takes a while (0.15 s for ResNet50), so
+        the result is kept until the next `_track`."""
+        model = self._model and self._model()
+        if model is None:
+            return {}, {}
+        if self._places is not None:
+            return self._places
+        paths = registry.saved_paths(model)
+        order = {}
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            for index, variable in enumerate(layer.trainable_weights):
+                order[_key(variable)] = (paths.get(id(layer), ""), index)
+        kernels = {key: path for key, (path, index) in order.items()
+                   if key in self._slots}
+        self.__dict__["_places"] = kernels, order
+        return self._places
+
+    def _release(self, slot):
+        """Leaves a slot's variables out of the optimizer's state (they stay
+        in `_variables`, which TensorFlow's checkpoints track as an
+        append-only list)."""
+        self._released.update(id(v) for v in slot.variables)
+
+    def _own_variables(self):
+        """BNP's own variables: neither statistics nor released ones."""
+        statistics_variables = {id(v) for s in self._slots.values()
+                                for v in s.variables}
+        return [v for v in self._variables if id(v) not in
+                statistics_variables and id(v) not in self._released]
 
     def _statistics_variable(self, shape, initializer, name):
         # Under a tf.distribute strategy each replica keeps its own copy and
@@ -326,9 +412,9 @@ class BNP(keras.optimizers.Optimizer):
         inside this context. `BNPMixin.train_step` does this for `fit`.
         """
         layers = registry.supported_layers(model)
-        self._track_layers(layers)
+        self._track(model, layers)
         # A deferred-build layer gets its statistics on its first call.
-        on_first_call = lambda layer: self._track_layers(layers)  # noqa: E731
+        on_first_call = lambda layer: self._track(model, layers)  # noqa: E731
         with registry.capture_inputs(layers, on_first_call) as captured:
             self.__dict__["_step_inputs"] = captured
             try:
@@ -341,9 +427,15 @@ class BNP(keras.optimizers.Optimizer):
         if step_inputs is None:
             raise RuntimeError(_MISSING_CAPTURE)
         self.__dict__["_step_inputs"] = None
+        # A copy: under a tf.distribute strategy, while this replica waits
+        # in an all-reduce, the next one's forward pass runs through the
+        # layers this one patched and records its inputs here too.
+        step_inputs = {layer: list(inputs)
+                       for layer, inputs in step_inputs.items()}
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
+        self._build_inner()
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         grads = list(grads)
@@ -353,19 +445,29 @@ class BNP(keras.optimizers.Optimizer):
             return
         specs = [registry.spec(layer) for layer in layers]
         slots = [self._slots[_key(spec.kernel)] for spec in specs]
-        running = [
-            (tf.convert_to_tensor(slot.moving_mean),
-             tf.convert_to_tensor(slot.moving_variance))
-            for slot in slots
-        ]
         position = {_key(v): i for i, v in enumerate(trainable_variables)}
         indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
                    for slot in slots]
+        # The first update of a layer (no running mean yet) centres its sums
+        # on values of the batch, the same on every replica.
+        first_sums = _all_replica_sums([
+            statistics.shift_sums(step_inputs[layer][0], spec.channel_axis,
+                                  _mask(step_inputs[layer][0]))
+            for layer, spec in zip(layers, specs)
+        ])
+        shifts, variances = [], []
+        for slot, (total, count) in zip(slots, first_sums):
+            running = tf.convert_to_tensor(slot.moving_count) > 0
+            shifts.append(tf.where(running, tf.convert_to_tensor(
+                slot.moving_mean), tf.math.divide_no_nan(total, count)))
+            variances.append(tf.where(running, tf.convert_to_tensor(
+                slot.moving_variance), float("nan")))
         # The input sums run as TensorFlow ops (on CPU, their multi-threaded
         # reductions beat XLA's) and are all-reduced across replicas.
         sums = _all_replica_sums([
-            _input_sums(step_inputs[layer], spec.channel_axis, mean, variance)
-            for layer, spec, (mean, variance) in zip(layers, specs, running)
+            _input_sums(step_inputs[layer], spec.channel_axis, shift, variance)
+            for layer, spec, shift, variance in zip(layers, specs, shifts,
+                                                    variances)
         ])
         # The inner optimizer's update joins the compiled update below,
         # except under a tf.distribute strategy, whose cross-replica merge
@@ -376,15 +478,16 @@ class BNP(keras.optimizers.Optimizer):
         # means are read inside.
         sums = [(_static(count), *rest) for count, *rest in sums]
 
-        def update(sums, grads):
+        def update(sums, shifts, grads):
             grads = list(grads)  # tf.function forbids changing its argument
             skipped = []
-            for slot, layer_sums, pair in zip(slots, sums, indices):
-                mean, variance, count, usable, *new_grads = _layer_update(
+            for slot, layer_sums, shift, pair in zip(slots, sums, shifts,
+                                                     indices):
+                mean, variance, count, skips, *new_grads = _layer_update(
                     tf.convert_to_tensor(slot.moving_mean),
                     tf.convert_to_tensor(slot.moving_variance),
                     tf.convert_to_tensor(slot.moving_count),
-                    *layer_sums,
+                    shift, *layer_sums,
                     # A Dense kernel's gradient for sparse inputs has no
                     # static shape; XLA compiles `ensure_shape` away.
                     *(None if i is None or grads[i] is None else
@@ -396,7 +499,7 @@ class BNP(keras.optimizers.Optimizer):
                 self.assign(slot.moving_mean, mean)
                 self.assign(slot.moving_variance, variance)
                 self.assign(slot.moving_count, count)
-                skipped.append(1.0 - tf.cast(usable, tf.float32))
+                skipped.append(skips)
                 for index, grad in zip(pair, new_grads):
                     if grad is not None:
                         grads[index] = grad
@@ -412,7 +515,7 @@ class BNP(keras.optimizers.Optimizer):
             # plus the inner update) into one compiled call, also when the
             # training step itself is not jit-compiled (the default on CPU).
             update = tf.function(update, jit_compile=True)
-        preconditioned = update(sums, grads)
+        preconditioned = update(sums, shifts, grads)
         if distributed:
             self.inner_optimizer.apply(preconditioned, trainable_variables)
 
@@ -460,11 +563,20 @@ class BNP(keras.optimizers.Optimizer):
 
     @property
     def skipped_statistics_updates(self):
-        """Number of (layer, step) statistics updates skipped so far because
-        a layer's input had a NaN or Inf (0 before the first step)."""
-        if not self.built:
-            return 0
-        return int(self._skipped_updates.numpy())
+        """Number of (layer, step) statistics updates skipped so far, for
+        any of `SKIP_CAUSES` (0 before the first step)."""
+        return sum(self.skipped_statistics_updates_by_cause.values())
+
+    @property
+    def skipped_statistics_updates_by_cause(self):
+        """`{cause: number}` of the skipped (layer, step) statistics
+        updates, for each of `SKIP_CAUSES`: `"non_finite_input"` (a NaN or
+        Inf value) and `"overflow"` (finite values whose squared deviations
+        overflow float32). A step without values (an empty batch, a fully
+        masked sample) has nothing to add and is not counted."""
+        counts = (self._skipped_updates.numpy() if self.built
+                  else [0] * len(SKIP_CAUSES))
+        return {cause: int(n) for cause, n in zip(SKIP_CAUSES, counts)}
 
     def statistics_summary(self, near_constant=1e-6):
         """Per tracked layer (in model order), a dict of diagnostics:
@@ -515,17 +627,60 @@ class BNP(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        """Own, then statistics in model-layer order, then inner variables.
+        """Own, then statistics, then inner variables.
 
-        Statistics are created in the order layers are first built, which
-        can differ between training and loading a saved model; ordering by
-        layer rank makes the saved order independent of it.
+        The statistics are in the order of their layers' places in the
+        model's saved files, not in the order they were created (the order
+        layers are first built or called, which can differ between training
+        and loading a saved model).
         """
-        slots = sorted(self._slots.values(), key=lambda s: s.rank)
-        statistics_variables = [v for s in slots for v in s.variables]
-        tracked = {id(v) for v in statistics_variables}
-        own = [v for v in self._variables if id(v) not in tracked]
-        return own + statistics_variables + self.inner_optimizer.variables
+        statistics_variables = [v for _, s in self._saved_slots()
+                                for v in s.variables]
+        return (self._own_variables() + statistics_variables
+                + self.inner_optimizer.variables)
+
+    def _saved_slots(self):
+        """`(layer path, slot)` pairs, in the order of the paths (by rank
+        when no model is tracked)."""
+        paths, _ = self._saved_places()
+        return sorted(((paths.get(key, str(slot.rank)), slot)
+                       for key, slot in self._slots.items()),
+                      key=lambda pair: pair[0])
+
+    def _saved_state(self):
+        """`{key: variable}` of what BNP itself saves in Keras files: its own
+        variables by name, each layer's statistics by the layer's path in
+        the model's files. Keras saves the inner optimizer's state on its
+        own, under `inner_optimizer`."""
+        state = {variable.name: variable for variable in self._own_variables()}
+        for path, slot in self._saved_slots():
+            for field, variable in zip(_Slot.FIELDS, slot.variables):
+                state[f"{path.replace('/', '.')}:{field}"] = variable
+        return state
+
+    def save_own_variables(self, store):
+        for key, variable in self._saved_state().items():
+            store[key] = variable.numpy()
+
+    def load_own_variables(self, store):
+        state = self._saved_state()
+        saved = set(store.keys())
+        # A BNP saved before it was built (a model never trained) has only
+        # Keras' own two variables.
+        unbuilt = saved <= {"iteration", "learning_rate"}
+        if saved != set(state) and not unbuilt:
+            raise ValueError(
+                f"The saved state of optimizer '{self.name}' does not fit "
+                f"this BNP: it has statistics of layers "
+                f"{_layer_keys(saved)} and other variables "
+                f"{sorted(k for k in saved if ':' not in k)}, where this BNP "
+                f"has statistics of layers {_layer_keys(state)} (by their "
+                "paths in the model's saved files) and variables "
+                f"{sorted(k for k in state if ':' not in k)}. Load a file "
+                "saved from the same architecture, compiled with BNP."
+            )
+        for key in saved:
+            state[key].assign(store[key])
 
     def get_weights(self):
         """The values of all variables (own, statistics, inner optimizer's),
@@ -583,48 +738,63 @@ class BNP(keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["inner_optimizer"] = keras.saving.deserialize_keras_object(
-            config["inner_optimizer"], custom_objects=custom_objects
-        )
+        # Absent from `keras.optimizers.get("keras_bnp>BNP")`'s config.
+        if config.get("inner_optimizer") is not None:
+            config["inner_optimizer"] = keras.saving.deserialize_keras_object(
+                config["inner_optimizer"], custom_objects=custom_objects
+            )
         return cls(**config)
 
 
-def _input_sums(inputs, channel_axis, mean, variance):
-    """`(count, sum(x - mean), sum((x - mean)^2))` pooled over all of a
-    layer's calls in this step, with its current running statistics,
-    without the positions that a Keras mask on an input leaves out."""
+def _mask(inputs):
+    """The Keras mask of a layer's input (attached as `_keras_mask`)."""
+    return getattr(inputs, "_keras_mask", None)
+
+
+def _input_sums(inputs, channel_axis, shift, variance):
+    """`(count, sum(x - shift), sum((x - shift)^2))` pooled over all of a
+    layer's calls in this step, given its running variance (see
+    `statistics.input_sums`), without the positions that a Keras mask on
+    an input leaves out."""
     per_call = [
-        # Keras attaches a layer's input mask to the tensor as `_keras_mask`.
-        statistics.input_sums(x, channel_axis, mean, variance,
-                              mask=getattr(x, "_keras_mask", None))
+        statistics.input_sums(x, channel_axis, shift, variance, mask=_mask(x))
         for x in inputs
     ]
     return [tf.add_n(list(parts)) for parts in zip(*per_call)]
 
 
 def _layer_update(
-    shift, moving_variance, moving_count, count, centred_sum,
+    moving_mean, moving_variance, moving_count, shift, count, centred_sum,
     centred_square_sum, grad_kernel, grad_bias, *, momentum, damping, groups,
 ):
     """One layer's statistics update and preconditioning, as a pure
-    function of tensors (the running mean is `shift`).
+    function of tensors (the sums are of the inputs minus `shift`).
 
-    A batch with a non-finite value (or no values) leaves the statistics as
-    they were; then `usable` is False. `grad_kernel` may be `None` (the
-    kernel is not trained this step).
+    A batch with a non-finite value, whose squares overflow float32, or
+    with no values leaves the statistics as they were. `skips` counts the
+    first two causes, `[non-finite input, overflow]` (a batch without
+    values has nothing to skip). `grad_kernel` may be `None` (the kernel
+    is not trained this step).
     """
     mean, variance = statistics.moments_from_sums(
         count, centred_sum, centred_square_sum, shift
     )
+    # `shift` is the running mean, except in the first update, where the
+    # old mean has weight 0 and the shift keeps `mean - old mean` finite.
     new_mean, new_variance, new_count = statistics.update_moving(
         shift, moving_variance, moving_count, mean, variance, count, momentum
     )
-    # The squares are >= 0, so their total is finite exactly when every
-    # value is (or, for values near the float32 limit, when it overflows).
-    usable = tf.logical_and(
-        count > 0, tf.math.is_finite(tf.reduce_sum(centred_square_sum))
-    )
-    new_mean = tf.where(usable, new_mean, shift)
+    # A NaN or Inf input makes the sums non-finite. Otherwise the sums are
+    # finite, unless the squares of finite values overflow float32 (values
+    # apart by more than about sqrt(3e38 / count)).
+    has_values = count > 0
+    finite_input = tf.reduce_all(tf.math.is_finite(centred_sum))
+    finite_squares = tf.reduce_all(tf.math.is_finite(centred_square_sum))
+    usable = has_values & finite_input & finite_squares
+    skips = tf.cast(tf.stack([has_values & ~finite_input,
+                              has_values & finite_input & ~finite_squares]),
+                    tf.float32)
+    new_mean = tf.where(usable, new_mean, moving_mean)
     new_variance = tf.where(usable, new_variance, moving_variance)
     new_count = tf.where(usable, new_count, moving_count)
     if grad_kernel is not None:
@@ -632,7 +802,7 @@ def _layer_update(
             grad_kernel, grad_bias, new_mean, new_variance,
             damping(new_mean, new_variance), groups,
         )
-    return new_mean, new_variance, new_count, usable, grad_kernel, grad_bias
+    return new_mean, new_variance, new_count, skips, grad_kernel, grad_bias
 
 
 def _static(count):
@@ -649,6 +819,12 @@ def _all_replica_sums(sums):
     if context is None or context.num_replicas_in_sync == 1 or not sums:
         return sums
     return context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+
+def _layer_keys(keys):
+    """The layer paths in the statistics' state keys `path:field`."""
+    return sorted({key.split(":")[0].replace(".", "/") for key in keys
+                   if ":" in key})
 
 
 def find_bnp(optimizer):
@@ -685,6 +861,13 @@ def _inner_optimizer(inner_optimizer, learning_rate, momentum, nesterov):
         elif not (isinstance(learning_rate, schedule)
                   or callable(learning_rate)):
             learning_rate = _as_float("learning_rate", learning_rate)
+            if not 0.0 <= learning_rate < math.inf:
+                raise ValueError(
+                    "Argument `learning_rate` must be a finite float >= 0 "
+                    "(or a keras.optimizers.schedules.LearningRateSchedule), "
+                    "e.g. 0.01. Received: "
+                    f"learning_rate={learning_rate}"
+                )
         return keras.optimizers.SGD(
             learning_rate=learning_rate,
             momentum=_as_float("momentum", 0.9 if momentum is None

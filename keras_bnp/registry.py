@@ -10,6 +10,9 @@ import dataclasses
 
 import keras
 import tensorflow as tf
+from keras.src.saving import saving_lib
+from keras.src.saving.keras_saveable import KerasSaveable
+from keras.src.utils import naming
 
 SUPPORTED_LAYERS = (
     keras.layers.Dense,
@@ -85,6 +88,48 @@ def supported_layers(model):
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if is_supported(layer)
     ]
+
+
+def saved_paths(model):
+    """`{id(layer): path}` of `model`'s layers (and `model` itself, at
+    `""`): where Keras' saved files (`.keras`, `.weights.h5`) store each
+    layer's weights, e.g. `"encoder/dense"` for an attribute of a subclassed
+    model, `"layers/dense_1"` for the second Dense of a functional model.
+
+    Keras restores a layer's weights from this path, so it names the same
+    layer in the saving and the loading process, whatever order the layers
+    were created in; layer names, which Keras numbers in creation order,
+    need not. The walk is Keras' own (`saving_lib`).
+    """
+    paths = {}
+
+    def visit(saveable, path):
+        if id(saveable) in paths:
+            return
+        paths[id(saveable)] = path
+        for attribute, child in saving_lib._walk_saveable(saveable):
+            visit_child(child, f"{path}/{attribute}".lstrip("/"), set())
+
+    def visit_child(child, path, containers):
+        if isinstance(child, keras.layers.Layer):  # only layers hold layers
+            visit(child, path)
+        elif isinstance(child, (list, dict, tuple)):
+            if id(child) in containers:
+                return
+            containers.add(id(child))
+            used = {}
+            for item in (child.values() if isinstance(child, dict) else child):
+                if isinstance(item, KerasSaveable):
+                    name = naming.to_snake_case(type(item).__name__)
+                elif isinstance(item, (list, dict, tuple)):
+                    name = "container"
+                else:
+                    continue
+                name = saving_lib._get_unique_name(name, used)
+                visit_child(item, f"{path}/{name}", containers)
+
+    visit(model, "")
+    return paths
 
 
 @contextlib.contextmanager

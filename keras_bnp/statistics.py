@@ -7,7 +7,9 @@ averaged count `n` is the start-up bias correction (for equal batch sizes it
 is exactly Adam's `1 - momentum ** t`) and weights a smaller batch (the last
 of an epoch) by its size. They are stored in centred form `(moving_mean,
 moving_variance, moving_count)`: the same numbers, without the cancellation
-of `E[x^2] - E[x]^2` in float32 when `|mean| >> std`.
+of `E[x^2] - E[x]^2` in float32 when `|mean| >> std`. Each step's sums are
+taken of `x - shift`, with the running mean as the shift; the first update,
+which has no running mean yet, takes it from the batch (`shift_sums`).
 """
 
 import tensorflow as tf
@@ -31,7 +33,8 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
     see) outside XLA, the sums are taken of `x - shift`: exact to float32
     rounding relative to the spread of `x` around `shift`, however large
     `|shift|` is. Otherwise, given `variance` (the running variance) and
-    when `shift^2 <= RAW_SUMS_MAX_RATIO * variance` in every channel, they
+    when `shift^2 <= RAW_SUMS_MAX_RATIO * variance` in every channel (a NaN
+    `variance`, i.e. no estimate yet, never allows it), they
     are derived from `sum(x)` and `sum(x^2)` instead, which skips writing the
     centred copy of the input (about half the time on CPU). Then the
     rounding error of the variance, relative to `variance`, grows from about
@@ -59,8 +62,7 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
     broadcast = [1] * rank
     broadcast[channel_axis] = -1
     axes = [axis for axis in range(rank) if axis != channel_axis]
-    if mask is not None and mask.shape.rank != rank - 1:
-        mask = None  # not a mask of the input's positions
+    mask = _position_mask(mask, rank)
     if mask is not None:
         count = tf.reduce_sum(tf.cast(mask, tf.float32))
     elif inputs.shape.is_fully_defined():  # a constant: no ops in the step
@@ -73,10 +75,8 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
         )
 
     def centred_sums():
-        centred = inputs - tf.reshape(shift, broadcast)
-        if mask is not None:
-            keep = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
-            centred = tf.where(keep, centred, 0.0)
+        centred = _masked(inputs - tf.reshape(shift, broadcast), mask,
+                          channel_axis)
         return (tf.reduce_sum(centred, axis=axes),
                 _sum_of_squares(centred, axes))
 
@@ -88,8 +88,55 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
 
     if mask is not None or variance is None or (rank == 2 and not _in_xla()):
         return (count, *centred_sums())
-    centre = tf.reduce_any(tf.square(shift) > RAW_SUMS_MAX_RATIO * variance)
-    return (count, *tf.cond(centre, centred_sums, raw_sums))
+    raw = tf.reduce_all(tf.square(shift) <= RAW_SUMS_MAX_RATIO * variance)
+    return (count, *tf.cond(raw, raw_sums, centred_sums))
+
+
+def shift_sums(inputs, channel_axis, mask=None):
+    """Per-channel `(total, count)` of some of the batch's own values: the
+    shift `total / count` of a layer's first statistics update, which has
+    no running mean yet, so that its sums are centred whatever the inputs'
+    offset (such as years or Unix times).
+
+    Of the first example's values (a slice, cheap); given a Keras mask
+    (see `input_sums`), of all unmasked values, since the first example
+    may be all padding; of a `tf.SparseTensor`, of all values, from the
+    stored ones. No values give `(0, 0)`. Summed over replicas, the totals
+    and counts give one shift for all of them.
+    """
+    if isinstance(inputs, tf.SparseTensor):
+        shape = tf.cast(inputs.dense_shape, tf.float32)
+        total = tf.math.unsorted_segment_sum(
+            tf.cast(tf.stop_gradient(inputs.values), tf.float32),
+            inputs.indices[:, channel_axis], inputs.dense_shape[channel_axis])
+        return total, tf.reduce_prod(shape) / shape[channel_axis]
+    inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
+    rank = inputs.shape.rank
+    channel_axis %= rank
+    axes = [axis for axis in range(rank) if axis != channel_axis]
+    mask = _position_mask(mask, rank)
+    if mask is None:
+        inputs = inputs[:1]  # the first example (none in an empty batch)
+        count = tf.size(inputs) // tf.shape(inputs)[channel_axis]
+    else:
+        inputs = _masked(inputs, mask, channel_axis)
+        count = tf.reduce_sum(tf.cast(mask, tf.int32))
+    return tf.reduce_sum(inputs, axis=axes), tf.cast(count, tf.float32)
+
+
+def _position_mask(mask, rank):
+    """A Keras mask if it describes the positions of an input of `rank`
+    (its shape without the channel axis), else `None`."""
+    return mask if mask is not None and mask.shape.rank == rank - 1 else None
+
+
+def _masked(inputs, mask, channel_axis):
+    """`inputs` with the positions `mask` leaves out set to 0 (even
+    non-finite ones)."""
+    if mask is None:
+        return inputs
+    keep = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
+    return tf.where(keep, inputs, 0.0)
 
 
 def _sparse_sums(inputs, channel_axis, shift):

@@ -94,6 +94,19 @@ def main():
                 ).restore(path).assert_consumed()
                 np.savez(os.path.join(OUT, "checkpoint.npz"),
                          **state(restored))
+            # One step of statistics (learning rate 0, statistics momentum
+            # 0) of a Dense layer on inputs far from 0: the first update is
+            # centred on the same values on both replicas.
+            x = (data(8)[0][:, 0] + [0.0, 0.0, 1000.0]).astype("float32")
+            with strategy.scope():
+                inputs = keras.Input((3,))
+                model = keras_bnp.BNPModel(
+                    inputs, keras.layers.Dense(2, name="first")(inputs))
+                model.compile(optimizer=keras_bnp.BNP(
+                    0.0, statistics_momentum=0.0), loss="mse")
+            model.fit(x, np.zeros((8, 2)), batch_size=8, verbose=0)
+            np.savez(os.path.join(OUT, f"{name}_first.npz"), x=x,
+                     **state(model))
             # Statistics only (learning rate 0), 43 examples: the last global
             # batch of 3 splits unevenly between the replicas.
             x, y = data(43)

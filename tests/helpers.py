@@ -1,6 +1,7 @@
 """Shared test helpers and small models."""
 
 import functools
+import os
 import pathlib
 import re
 
@@ -17,6 +18,17 @@ def repository_url():
     setup = pathlib.Path(__file__).parent.parent / "setup.py"
     return re.search(r'^REPOSITORY_URL = "([^"]+)"$', setup.read_text(),
                      re.M).group(1)
+
+
+def subprocess_env(**variables):
+    """The environment of a Python subprocess that must import this
+    keras_bnp: its folder first on PYTHONPATH, since a script run by path
+    starts its search path with the script's folder, where an installed
+    copy could come first. Plus `variables`."""
+    root = os.path.dirname(os.path.dirname(keras_bnp.__file__))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path,
+                **variables)
 
 
 def assert_allclose(actual, desired, atol=1e-6, rtol=1e-6):

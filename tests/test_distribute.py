@@ -6,7 +6,6 @@ starts.
 """
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -15,9 +14,10 @@ import sys
 import numpy as np
 import pytest
 from helpers import assert_allclose
+from helpers import subprocess_env
 
 SCRIPT = pathlib.Path(__file__).parent / "distributed_run.py"
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+ENV = subprocess_env()
 
 
 def _load(path):
@@ -32,7 +32,7 @@ def mirrored(tmp_path_factory):
                    check=True, env=ENV, timeout=300)
     return {name: _load(out / f"{name}.npz") for name in
             ("single", "mirrored", "reloaded", "checkpoint", "single_uneven",
-             "mirrored_uneven")}
+             "mirrored_uneven", "single_first", "mirrored_first")}
 
 
 def _statistics(state, replica):
@@ -74,6 +74,24 @@ def test_uneven_last_batch_is_weighted_by_example_counts(mirrored):
     # five batches of 8 then one of 3 with momentum 0.99.
     expected = sum(8 * 0.99**k for k in range(1, 6)) + 3
     assert_allclose(single["head_moving_count"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["single_first", "mirrored_first"])
+def test_first_update_is_the_global_batch_on_every_replica(name, mirrored):
+    # Inputs with a channel near 1000: each replica's first update, centred
+    # on values all-reduced from both replicas' batches, gives NumPy's
+    # moments of the global batch. (Before, a replica could pool the other
+    # replica's inputs, recorded while it waited in an all-reduce.)
+    run = mirrored[name]
+    x = run["x"].astype("float64")
+    replicas = 2 if name == "mirrored_first" else 1
+    for replica in range(replicas):
+        stats = _statistics(run, replica)
+        assert_allclose(stats["first_moving_count"], 8.0, atol=0, rtol=0)
+        assert_allclose(stats["first_moving_mean"], x.mean(0), atol=0,
+                        rtol=1e-6)
+        assert_allclose(stats["first_moving_variance"], x.var(0), atol=0,
+                        rtol=1e-5)
 
 
 def test_saved_under_mirrored_reloads_the_statistics(mirrored):

@@ -271,6 +271,25 @@ def test_config_round_trip():
     assert isinstance(by_name, keras_bnp.BNP) and by_name.epsilon == 0.05
 
 
+def test_registered_name_gives_the_defaults():
+    # The config of a name alone has no `inner_optimizer`.
+    optimizer = keras.optimizers.get("keras_bnp>BNP")
+    assert isinstance(optimizer, keras_bnp.BNP)
+    assert (optimizer.epsilon, optimizer.statistics_momentum) == (1.0, 0.99)
+    inner = optimizer.inner_optimizer
+    assert isinstance(inner, keras.optimizers.SGD)
+    assert (inner.momentum, inner.nesterov) == (0.9, False)
+    model = mlp()
+    model.compile(optimizer="keras_bnp>BNP", loss=logits_loss())
+    x = shifted_inputs(np.random.default_rng(0), (8, 8))
+    model.fit(x, np.arange(8) % 3, batch_size=8, verbose=0)
+    assert isinstance(model.optimizer, keras_bnp.BNP)
+    assert int(model.optimizer.iterations) == 1
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
+    mean, _ = model.optimizer.layer_statistics(model.layers[0])
+    assert_allclose(mean, x.astype("float64").mean(0), atol=1e-6)
+
+
 def test_builtin_sgd_and_delegation():
     optimizer = keras_bnp.BNP(0.05, momentum=0.5, nesterov=True)
     inner = optimizer.inner_optimizer
@@ -300,8 +319,18 @@ def test_learning_rate_schedule_follows_inner_iterations():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"epsilon": 0.0}, r"`epsilon` must be a finite float > 0\. "
+        ({"epsilon": 0.0}, r"`epsilon` must be a finite float > 0 that "
+                           r"float32 represents as a normal number.*"
                            r"Received: epsilon=0\.0"),
+        # 1e-39 is subnormal in float32, 1e-50 rounds to 0.
+        ({"epsilon": 1e-39}, r"Received: epsilon=1e-39"),
+        ({"epsilon": 1e-50}, r"from 1\.2e-38 to 3\.4e38.*"
+                             r"Received: epsilon=1e-50"),
+        ({"epsilon": 1e39}, r"Received: epsilon=1e\+39"),
+        ({"learning_rate": -0.1}, r"`learning_rate` must be a finite float "
+                                  r">= 0.*Received: learning_rate=-0\.1"),
+        ({"learning_rate": float("inf")}, r"Received: learning_rate=inf"),
+        ({"learning_rate": float("nan")}, r"Received: learning_rate=nan"),
         ({"epsilon": float("nan")}, r"Received: epsilon=nan"),
         ({"epsilon": "small"}, r"`epsilon` must be a float\. "
                                r"Received: epsilon='small'"),

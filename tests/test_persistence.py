@@ -12,6 +12,7 @@ import tensorflow as tf
 from helpers import assert_allclose
 from helpers import logits_loss
 from helpers import shifted_inputs
+from helpers import subprocess_env
 from models import IN
 from models import MODEL_KINDS
 from models import OUT
@@ -172,11 +173,21 @@ def test_optimizer_weights_api_includes_inner_state():
     other.optimizer.set_weights(values)
     for variable, value in zip(other.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
-    store = {}
+    # Keras files: BNP saves its own variables and the statistics, keyed by
+    # name and by the layer's path in the file; the inner optimizer saves
+    # its state itself (once).
+    store, inner_store = {}, {}
     bnp.save_own_variables(store)
-    assert len(store) == len(values)
+    bnp.inner_optimizer.save_own_variables(inner_store)
+    assert sorted(store) == [
+        "iteration", "layers.dense:moving_count", "layers.dense:moving_mean",
+        "layers.dense:moving_variance", "layers.dense_1:moving_count",
+        "layers.dense_1:moving_mean", "layers.dense_1:moving_variance",
+        "learning_rate", "skipped_statistics_updates"]
+    assert len(store) + len(inner_store) == len(values)
     third = _prepared("sequential")
     third.optimizer.load_own_variables(store)
+    third.optimizer.inner_optimizer.load_own_variables(inner_store)
     for variable, value in zip(third.optimizer.variables, values):
         assert_allclose(variable, value, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"received 2 weights"):
@@ -248,3 +259,201 @@ def test_graph_xla_and_eager_steps_give_the_same_weights():
         models.append(model)
     _assert_same_state(models[0], models[1], atol=1e-5)
     _assert_same_state(models[0], models[2], atol=1e-5)
+
+
+_REORDERED = textwrap.dedent("""
+    import os
+    import sys
+    import warnings
+
+    import keras
+    import numpy as np
+
+    import keras_bnp
+
+
+    @keras.saving.register_keras_serializable(package="reordered")
+    class Net(keras_bnp.BNPMixin, keras.Model):
+        # Two layers of the same shapes, auto-named: created in the other
+        # order, their names swap ("dense" is `head`), the attributes that
+        # Keras restores their weights by do not. (Keras' files address an
+        # attribute that sorts after "layers" by its place in `layers`, so
+        # even Keras would not restore its weights in another order.)
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            if os.environ["ORDER"] == "reversed":
+                self.head = keras.layers.Dense(4)
+                self.encoder = keras.layers.Dense(4, activation="relu")
+            else:
+                self.encoder = keras.layers.Dense(4, activation="relu")
+                self.head = keras.layers.Dense(4)
+
+        def call(self, x):
+            return self.head(self.encoder(x))
+
+
+    def state(model):
+        bnp = model.optimizer
+        inner = bnp.inner_optimizer
+        arrays = {}
+        for name in ("encoder", "head"):
+            layer = getattr(model, name)
+            arrays[name + "_mean"], arrays[name + "_variance"] = (
+                bnp.layer_statistics(layer))
+            arrays[name + "_kernel"] = layer.kernel.numpy()
+            if inner.momentum:
+                index = inner._get_variable_index(layer.kernel)
+                arrays[name + "_velocity"] = inner.momentums[index].numpy()
+        return arrays
+
+
+    path, momentum = sys.argv[1], float(sys.argv[2])
+    if os.environ["ORDER"] == "reversed":
+        # E.g. Keras' "Skipping variable loading for optimizer" is an error.
+        warnings.simplefilter("error", UserWarning)
+        model = keras.models.load_model(path)
+    else:
+        keras.utils.set_random_seed(0)
+        model = Net()
+        model.compile(optimizer=keras_bnp.BNP(0.01, momentum=momentum),
+                      loss="mse")
+        rng = np.random.default_rng(0)
+        x = (rng.normal(size=(32, 4)) * [1, 2, 3, 4] + [5, -5, 0, 9])
+        model.fit(x.astype("float32"), np.zeros((32, 4)), batch_size=8,
+                  verbose=0)
+        model.save(path)
+    np.savez(path + "." + os.environ["ORDER"] + ".npz", **state(model))
+""")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_reload_with_layers_created_in_another_order(momentum, tmp_path):
+    # Saved in one process, loaded in another whose model creates its
+    # layers in the other order: each layer gets back its own statistics
+    # (and SGD velocities), bit for bit. Before, the statistics were
+    # swapped, and with momentum the load failed.
+    script = tmp_path / "reordered.py"
+    script.write_text(_REORDERED)
+    path = str(tmp_path / "m.keras")
+    for order in ("saved", "reversed"):
+        subprocess.run(
+            [sys.executable, str(script), path, str(momentum)], check=True,
+            timeout=300, env=subprocess_env(ORDER=order))
+    with np.load(path + ".saved.npz") as saved, np.load(
+            path + ".reversed.npz") as loaded:
+        assert sorted(saved.files) == sorted(loaded.files)
+        assert len(saved.files) == (8 if momentum else 6)
+        for name in saved.files:
+            assert_allclose(loaded[name], saved[name], atol=0, rtol=0)
+        # The two layers' statistics differ, so a swap would show.
+        assert not np.allclose(saved["encoder_mean"], saved["head_mean"])
+
+
+def test_k_fold_reuse_is_refused_and_leaves_the_first_model_intact(tmp_path):
+    # One BNP for the models of two folds: the second is refused before
+    # BNP takes any of its layers, so the first still saves and reloads
+    # all of its statistics (before, the second model's layers joined the
+    # optimizer's state, and the reload skipped every statistic).
+    bnp = keras_bnp.BNP(0.05, momentum=0.9)
+    folds = []
+    for _ in range(2):
+        model, _ = MODEL_KINDS["sequential"]()
+        model.compile(optimizer=bnp, loss=logits_loss())
+        folds.append(model)
+    folds[0].fit(X, Y, **FIT)
+    state = [v.numpy() for v in bnp.variables]
+    with pytest.raises(ValueError, match=r"built for the variables of "
+                       r"another model.*Create a new BNP for each model"):
+        folds[1].fit(X, Y, **FIT)
+    assert len(bnp.variables) == len(state)
+    for variable, value in zip(bnp.variables, state):
+        assert_allclose(variable, value, atol=0, rtol=0)
+    folds[0].save(tmp_path / "fold0.keras")
+    loaded = keras.models.load_model(tmp_path / "fold0.keras")
+    _assert_same_state(folds[0], loaded, atol=0)
+    for layer, other in zip(folds[0].layers, loaded.layers):
+        for a, b in zip(bnp.layer_statistics(layer),
+                        loaded.optimizer.layer_statistics(other)):
+            assert_allclose(a, b, atol=0, rtol=0)
+
+
+def test_popped_layer_is_released(tmp_path):
+    # After `pop` (and compiling again with the same optimizer), BNP keeps
+    # no statistics of the removed layer, and saves those of the layers
+    # the model has, which a model of that architecture loads. (The inner
+    # optimizer's slots of the removed variables stay, as in plain Keras.)
+    def build(units):
+        keras.utils.set_random_seed(0)
+        return keras_bnp.BNPSequential([keras.Input((IN,)), *(
+            keras.layers.Dense(n, activation="relu") for n in units)])
+
+    model = build([5, OUT, 2])
+    model.compile(optimizer=keras_bnp.BNP(0.05), loss=logits_loss())
+    model.fit(X, np.arange(48) % 2, **FIT)
+    popped = model.layers[-1]
+    model.pop()
+    bnp = model.optimizer
+    model.compile(optimizer=bnp, loss=logits_loss())  # keeps its state
+    model.fit(X, Y, **FIT)
+    assert len(bnp._slots) == 2
+    with pytest.raises(ValueError, match=r"no statistics for layer"):
+        bnp.layer_statistics(popped)
+    # TensorFlow checkpoints still save (their variable list is append-only).
+    tf.train.Checkpoint(model=model, optimizer=bnp).save(str(tmp_path / "c"))
+    store = {}
+    bnp.save_own_variables(store)
+    other = build([5, OUT])
+    other.compile(optimizer=keras_bnp.BNP(0.05), loss=logits_loss())
+    other.optimizer.build(other.trainable_variables)
+    other.optimizer.track(other)
+    other.optimizer.load_own_variables(store)
+    for layer, loaded in zip(model.layers, other.layers):
+        for a, b in zip(bnp.layer_statistics(layer),
+                        other.optimizer.layer_statistics(loaded)):
+            assert_allclose(a, b, atol=0, rtol=0)
+
+
+def test_saved_optimizer_holds_each_state_once(tmp_path):
+    # The inner Adam's state plus BNP's statistics and counters, counted
+    # from the variables' shapes: before, Adam's slots were saved twice
+    # (under optimizer/vars and optimizer/inner_optimizer/vars).
+    import h5py
+
+    model, _ = MODEL_KINDS["functional_branches"]()
+    model.compile(optimizer=keras_bnp.BNP(
+        inner_optimizer=keras.optimizers.Adam(1e-3)), loss=logits_loss())
+    model.fit(X, Y, **FIT)
+    weights = sum(4 * int(np.prod(v.shape))
+                  for v in model.trainable_variables)
+    adam = 2 * weights + 8 + 4  # m and v, iterations (int64), learning rate
+    # Per Dense layer 2 * in_channels + 1 float32 values; in_channels are
+    # IN for `a` and `c`, 2 * 5 for `b`.
+    statistics = 4 * ((2 * IN + 1) * 2 + (2 * 10 + 1))
+    own = 8 + 4 + 4 * 2  # iterations, learning rate, skip counters
+    model.save_weights(tmp_path / "m.weights.h5")
+    sizes = []
+    with h5py.File(tmp_path / "m.weights.h5") as f:
+        f["optimizer"].visititems(lambda name, item: sizes.append(
+            item.nbytes) if isinstance(item, h5py.Dataset) else None)
+    assert sum(sizes) == adam + statistics + own
+    loaded, _ = MODEL_KINDS["functional_branches"]()
+    loaded.compile(optimizer=keras_bnp.BNP(
+        inner_optimizer=keras.optimizers.Adam(1e-3)), loss=logits_loss())
+    loaded.load_weights(tmp_path / "m.weights.h5")
+    _assert_same_state(model, loaded, atol=0)
+
+
+def test_state_of_another_optimizer_is_refused(tmp_path):
+    # Weights saved with Adam, loaded into a model compiled with BNP: an
+    # error that names what the file has and what BNP needs (before, a
+    # warning, and training went on with fresh statistics).
+    adam = _compiled("sequential")
+    adam.compile(optimizer="adam", loss=logits_loss())
+    adam.fit(X, Y, **FIT)
+    adam.save_weights(tmp_path / "adam.weights.h5")
+    model = _compiled("sequential")
+    with pytest.raises(ValueError, match=r"does not fit this BNP: it has "
+                       r"statistics of layers \[\] and other variables "
+                       r"\['0', '1'.*statistics of layers \['layers/dense', "
+                       r"'layers/dense_1'\]"):
+        model.load_weights(tmp_path / "adam.weights.h5")

@@ -65,9 +65,16 @@ def test_non_finite_batch_leaves_statistics_unpoisoned(bad):
     model = mlp(inputs=6, outputs=3)
     model.compile(optimizer=keras_bnp.BNP(0.01, statistics_momentum=0.5),
                   loss=logits_loss())
+    # The warning says what happened: a NaN or Inf, or finite values whose
+    # squares overflow float32 (3e19 here, beside values near 1).
+    cause = ("contained NaN or Inf" if not np.isfinite(bad) else
+             "finite but so far apart that the sum of their squared "
+             "deviations overflowed float32")
     with pytest.warns(UserWarning, match=r"BNP skipped \d+ statistics "
-                                         r"update\(s\) \(up to epoch 1\)"):
+                      r"update\(s\) \(up to epoch 1\) because a layer's "
+                      r"input (values were )?" + cause) as caught:
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert len(caught) == 1
     # The first layer sees x itself: the bad batch is simply absent from its
     # averages, in both epochs.
     reference = _reference.RawMomentStatistics(6, 0.5)
@@ -77,7 +84,10 @@ def test_non_finite_batch_leaves_statistics_unpoisoned(bad):
     mean, variance = model.optimizer.layer_statistics(model.layers[0])
     assert_allclose(mean, reference.mean, atol=1e-5)
     assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-5)
-    assert model.optimizer.skipped_statistics_updates >= 2
+    skipped = model.optimizer.skipped_statistics_updates_by_cause
+    assert skipped["non_finite_input" if not np.isfinite(bad) else
+                   "overflow"] >= 2
+    assert min(skipped.values()) == 0
     if not np.isfinite(bad):
         # The NaN gradients did reach the weights (the inner optimizer's
         # business, as documented), and still no statistic is poisoned.
@@ -201,3 +211,147 @@ def test_summary_lists_layers_and_rules():
                                "(no", "bias)"]
     assert text[3].split()[:4] == ["head", "Dense", "144", "1"]
     assert text[4] == "2 other trainable variables: inner optimizer only."
+
+
+def _tabular(rng, n):
+    """Unnormalized columns: a year, a price, a Unix time in seconds and in
+    nanoseconds (2020 +- 5, 1e6 +- 100, 1.7e9 +- 1e6, 1.7e18 +- 1e16)."""
+    offset = np.array([2020.0, 1e6, 1.7e9, 1.7e18])
+    spread = np.array([5.0, 100.0, 1e6, 1e16])
+    return (offset + spread * rng.normal(size=(n, 4))).astype("float32")
+
+
+def _assert_first_statistics_exact(optimizer, layer, x, channel_axis=-1,
+                                   rtol=1e-5):
+    # The variance exact to float32 rounding relative to the data's own
+    # spread, whatever its offset.
+    want_mean, want_variance = _reference.batch_moments([x], channel_axis)
+    mean, variance = optimizer.layer_statistics(layer)
+    assert_allclose(mean, want_mean, rtol=1e-5, atol=0)
+    assert_allclose(variance, want_variance, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_first_update_is_exact_for_far_offset_dense_inputs(jit_compile):
+    # Before any update the running mean is 0: sums of x - 0 lose such
+    # columns' variance in float32 (relative error 1, and the nanosecond
+    # column's squares overflow). The first update centres on the batch.
+    x = _tabular(np.random.default_rng(0), 256)
+    model = keras_bnp.BNPSequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras_bnp.BNP(0.0, statistics_momentum=0.9),
+                  loss="mse", jit_compile=jit_compile)
+    model.train_on_batch(x, np.zeros(256, "float32"))
+    assert model.optimizer.skipped_statistics_updates == 0
+    _assert_first_statistics_exact(model.optimizer, model.layers[0], x)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_first_update_is_exact_for_far_offset_images(data_format,
+                                                      jit_compile):
+    # MNIST digits shifted by 1000 (a pixel spread of 0.3), and a second
+    # channel at -5e5: before, the relative error of the variance was 1.
+    x, _ = _mnist(32)
+    x = x.reshape(32, 28, 28, 1)
+    x = np.concatenate([x + 1000.0, 5e5 * x - 5e5], axis=-1).astype("float32")
+    axis = -1
+    if data_format == "channels_first":
+        x, axis = np.moveaxis(x, -1, 1).copy(), 1
+    conv = keras.layers.Conv2D(2, 3, data_format=data_format)
+    model = keras_bnp.BNPSequential(
+        [keras.Input(x.shape[1:]), conv, keras.layers.Flatten(),
+         keras.layers.Dense(1)])
+    model.compile(optimizer=keras_bnp.BNP(0.0, statistics_momentum=0.9),
+                  loss="mse", jit_compile=jit_compile)
+    model.train_on_batch(x, np.zeros(32, "float32"))
+    # TensorFlow's float32 sums over a channel's 25 088 values (strided, with
+    # two channels) round to about 1e-4 of the variance, at any offset.
+    _assert_first_statistics_exact(model.optimizer, conv, x, axis, rtol=1e-3)
+
+
+def test_regression_on_unnormalized_columns_follows_the_reference():
+    # A Dense(1) on a year, a price and a Unix time, at BNP's defaults: the
+    # losses of 24 steps follow those of the NumPy reference (float64
+    # statistics, explicit inverse, SGD with momentum) and fall by 10x.
+    # Before, the first step's variance of the price was 0, and the loss
+    # stayed near its start.
+    rng = np.random.default_rng(0)
+    x = _tabular(rng, 96)[:, :3]
+    exact = x.astype("float64")
+    y = ((exact - exact.mean(0)) / exact.std(0)) @ [1.0, -1.0, 0.5]
+    y = (y + 0.1 * rng.normal(size=96)).astype("float32")
+    model = keras_bnp.BNPSequential([
+        keras.Input((3,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    model.compile(optimizer=keras_bnp.BNP(), loss="mse")
+    bnp = model.optimizer
+    stats = _reference.RawMomentStatistics(3, bnp.statistics_momentum)
+    sgd = _reference.SGDMomentum(0.01, 0.9)
+    kernel, bias = np.zeros((3, 1)), np.zeros(1)
+    losses, want = [], []
+    for step in range(24):
+        start = 32 * (step % 3)
+        inputs, labels = exact[start:start + 32], y[start:start + 32]
+        losses.append(float(model.train_on_batch(inputs.astype("float32"),
+                                                 labels)))
+        residual = inputs @ kernel[:, 0] + bias[0] - labels
+        want.append(np.mean(residual**2))
+        stats.update([inputs], -1)
+        grads = _reference.precondition(
+            (2 * inputs.T @ residual / 32)[:, None], [2 * residual.mean()],
+            stats.mean, stats.variance, bnp.epsilon)
+        kernel, bias = sgd.update(0, kernel, grads[0]), sgd.update(
+            1, bias, grads[1])
+    # float32 gradients of columns at 1.7e9 +- 1e6 cancel to about 1e-4
+    # (relative) in each step, so the losses drift apart by up to 1% of
+    # the first one.
+    assert_allclose(losses, want, rtol=0, atol=0.01 * want[0])
+    assert max(want[-3:]) < 0.1 * want[0]
+
+
+def test_nanosecond_timestamps_keep_their_statistics():
+    # 1.7e18 +- 1e16 at batch size 256: squares of deviations from 0 overflow
+    # float32 (before, every update was skipped, blamed on NaN or Inf);
+    # centred on the batch they do not, in any step.
+    x = _tabular(np.random.default_rng(0), 1024)[:, 3:]
+    model = keras_bnp.BNPSequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras_bnp.BNP(0.0, statistics_momentum=0.9),
+                  loss="mse")
+    model.fit(x, np.zeros(1024), batch_size=256, shuffle=False, verbose=0)
+    reference = _reference.RawMomentStatistics(1, 0.9)
+    for start in range(0, 1024, 256):
+        reference.update([x[start:start + 256]], -1)
+    mean, variance = model.optimizer.layer_statistics(model.layers[0])
+    assert model.optimizer.skipped_statistics_updates == 0
+    assert_allclose(mean, reference.mean, rtol=1e-7, atol=0)
+    assert_allclose(variance, reference.variance, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_steps_without_values_are_not_skips(jit_compile):
+    # A fully masked sample at batch size 1 gives the per-step layer no
+    # values: nothing to add to its statistics, and nothing to warn about
+    # (pytest turns a warning into an error).
+    rng = np.random.default_rng(0)
+    x = shifted_inputs(rng, (6, 4, 3)) + 100.0
+    x[[1, 4]] = 0.0  # fully padded samples
+    x[2, 2:] = 0.0
+    inputs = keras.Input((4, 3))
+    steps = keras.layers.Dense(2, name="per_step")(
+        keras.layers.Masking(0.0)(inputs))
+    # (Masked average pooling would give NaN for an all-padding sample, a
+    # non-finite input of the next layer; a recurrent layer gives 0.)
+    outputs = keras.layers.Dense(1)(keras.layers.SimpleRNN(2)(steps))
+    model = keras_bnp.BNPModel(inputs, outputs)
+    model.compile(optimizer=keras_bnp.BNP(0.0, statistics_momentum=0.5),
+                  loss="mse", jit_compile=jit_compile)
+    model.fit(x, np.zeros(6), batch_size=1, shuffle=False, verbose=0)
+    assert model.optimizer.skipped_statistics_updates_by_cause == {
+        "non_finite_input": 0, "overflow": 0}
+    reference = _reference.RawMomentStatistics(3, 0.5)
+    for sample in x:
+        if (sample != 0).any():
+            reference.update([sample[(sample != 0).any(-1)]], -1)
+    mean, variance = model.optimizer.layer_statistics(
+        model.get_layer("per_step"))
+    assert_allclose(mean, reference.mean, rtol=1e-6)
+    assert_allclose(variance, reference.variance, rtol=1e-4, atol=1e-5)

@@ -258,3 +258,31 @@ def test_masked_positions_are_left_out(channel_axis, jit_compile):
     assert float(count) == mask.sum()
     assert_allclose(s1, deviation.sum(0), atol=1e-5, rtol=1e-6)
     assert_allclose(s2, (deviation**2).sum(0), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_shift_sums_take_values_of_the_batch(jit_compile):
+    # The first example's values; with a mask, all unmasked ones (a NaN at
+    # a masked position, and a first example all padding, change nothing);
+    # of a sparse tensor, all values; of an empty batch, none.
+    rng = np.random.default_rng(0)
+    x = shifted_inputs(rng, (3, 5, 4)) + 1e6
+    mask = rng.uniform(size=(3, 5)) < 0.6
+    mask[0], mask[1, 0] = False, True
+    x[0, 0, 1] = np.nan
+    sums = _compiled(lambda x, mask=None: statistics.shift_sums(x, -1, mask),
+                     jit_compile)
+    total, count = sums(tf.constant(x))
+    assert float(count) == 5
+    assert_allclose(total[2:], x[0, :, 2:].astype("float64").sum(0),
+                    rtol=1e-7, atol=0)
+    total, count = sums(tf.constant(x), tf.constant(mask))
+    assert float(count) == mask.sum()
+    assert_allclose(total, x[mask].astype("float64").sum(0), rtol=1e-7,
+                    atol=0)
+    total, count = sums(tf.constant(x[:0]))
+    assert float(count) == 0 and np.all(total.numpy() == 0)
+    dense = np.where(rng.uniform(size=(6, 4)) < 0.5, 3.0, 0.0)
+    total, count = statistics.shift_sums(tf.sparse.from_dense(dense), -1)
+    assert float(count) == 6
+    assert_allclose(total, dense.sum(0), atol=0, rtol=0)
