@@ -59,13 +59,14 @@ def test_benchmark_trains_the_mlp_on_mnist_and_the_cnn_on_cifar10(tmp_path):
     state = {(r["task"], r["method"]): r["optimizer_state_floats"]
              for r in results}
     # BNP adds to its inner SGD's state 2 * in_channels + 1 floats per layer
-    # and 3 of its own (iteration, learning_rate, skipped_statistics_updates).
+    # and 4 of its own (iteration, learning_rate, and
+    # skipped_statistics_updates by its two causes).
     # MLP 784-128-10; the CNN on 32x32x3 images: its Conv2D layers see 3, 16
     # and 32 channels, its Dense layer 6 * 6 * 32 = 1152 features.
     assert state["mlp", "bnp"] - state["mlp", "sgd"] == sum(
-        2 * c + 1 for c in (784, 128)) + 3
+        2 * c + 1 for c in (784, 128)) + 4
     assert state["cnn", "bnp"] - state["cnn", "sgd"] == sum(
-        2 * c + 1 for c in (3, 16, 32, 1152)) + 3
+        2 * c + 1 for c in (3, 16, 32, 1152)) + 4
     report = (tmp_path / "report.md").read_text()
     assert "Data: MLP on MNIST; CNN on CIFAR-10 (tfds), 32 training" in report
 
