@@ -23,14 +23,17 @@ DATA = ["tensorflow-datasets", "importlib_resources"]
 
 
 def absolute_links(markdown):
-    """`markdown` with its relative links and images pointing into the
-    repository (the registry page has no files next to it)."""
+    """`markdown` with its relative links and images, and its links to its
+    own sections, pointing into the repository (the registry page has no
+    files next to it, nor the repository's heading anchors)."""
     def absolute(match):
         image, path = match.groups()
         kind = "raw" if image else "blob"
+        if path.startswith("#"):
+            path = "README.md" + path
         return f"{image or ''}]({REPOSITORY_URL}/{kind}/main/{path})"
 
-    return re.sub(r"(!\[[^\]]*)?\]\((?!https?://|#)([^)\s]+)\)", absolute,
+    return re.sub(r"(!\[[^\]]*)?\]\((?!https?://)([^)\s]+)\)", absolute,
                   markdown)
 
 

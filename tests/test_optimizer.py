@@ -275,7 +275,9 @@ def test_registered_name_gives_the_defaults():
     # The config of a name alone has no `inner_optimizer`.
     optimizer = keras.optimizers.get("keras_bnp>BNP")
     assert isinstance(optimizer, keras_bnp.BNP)
-    assert (optimizer.epsilon, optimizer.statistics_momentum) == (1.0, 0.99)
+    assert (optimizer.epsilon, optimizer.relative_epsilon,
+            optimizer.statistics_momentum, optimizer.initial_scaling) == (
+        3.0, True, 0.99, True)
     inner = optimizer.inner_optimizer
     assert isinstance(inner, keras.optimizers.SGD)
     assert (inner.momentum, inner.nesterov) == (0.9, False)
