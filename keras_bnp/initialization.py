@@ -2,8 +2,8 @@
 
 BNP acts on gradients only, so it inherits the forward signal's scale from
 the initialization. With Keras' default (Glorot) initializers the inputs of
-deep ReLU layers shrink by about half a decade per layer; BatchNorm repairs
-that at every step, BNP cannot. Scaling each layer once, before training, so
+deep ReLU layers shrink by a factor of 2 to 3 or more per layer; BatchNorm
+repairs that at every step, BNP cannot. Scaling each layer once, before training, so
 that its outputs have unit variance on a batch of data (LSUV: Mishkin &
 Matas, "All you need is a good init", ICLR 2016, without its orthogonal
 start) fixes it and changes only weights, so the model keeps its
@@ -30,7 +30,7 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
     finite is left as it is.
 
     Args:
-        model: A built Keras model.
+        model: A Keras model (built on `inputs` first if it is not).
         inputs: A batch the model accepts (a few hundred examples is enough).
         target_variance: Float > 0. Defaults to `1.0`.
 
