@@ -292,6 +292,8 @@ def run(
         `progress_points`) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
+    from keras_bnp.optimizer import find_bnp
+
     dataset = dataset_for(task, source)
     model = compiled_model(
         method, learning_rate, task=task, momentum=momentum,
@@ -309,21 +311,21 @@ def run(
     )[:train_size]
     x_fit, y_fit = x_train[order], y_train[order]
     steps = epochs * math.ceil(train_size / batch_size)
-    progress = _progress(x_val, y_val, max(1, steps // progress_points)
-                         if progress_points else steps + 1)
+    progress = (_progress(x_val, y_val, max(1, steps // progress_points))
+                if progress_points else None)
     start = time.perf_counter()
     history = model.fit(
         x_fit, y_fit, batch_size=batch_size, epochs=epochs, verbose=0,
-        shuffle=False, callbacks=[progress] if progress_points else None,
-        validation_data=None if progress_points else (x_val, y_val),
+        shuffle=False, callbacks=[progress] if progress else None,
+        validation_data=None if progress else (x_val, y_val),
         validation_batch_size=500,
     ).history
-    seconds = (progress.points[-1][1] if progress_points
-               else time.perf_counter() - start)
+    points = progress.points if progress else []
+    seconds = points[-1][1] if points else time.perf_counter() - start
     train_loss, _ = model.evaluate(x_fit, y_fit, batch_size=500, verbose=0)
     _, test_accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
-    optimizer = model.optimizer
-    settings = {name: getattr(optimizer, name, None) for name in BNP_OPTIONS}
+    bnp = find_bnp(model.optimizer)  # other optimizers have an epsilon too
+    settings = {name: getattr(bnp, name, None) for name in BNP_OPTIONS}
     return {
         "method": method,
         "task": task,
@@ -338,7 +340,7 @@ def run(
         "epochs": epochs,
         "seed": seed,
         "train_loss": float(train_loss),
-        "validation_accuracy": (progress.points[-1][2] if progress_points
+        "validation_accuracy": (points[-1][2] if points
                                 else float(history["val_accuracy"][-1])),
         "test_accuracy": float(test_accuracy),
         "diverged": bool(not train_loss < math.log(10.0)),
@@ -346,7 +348,7 @@ def run(
         "loss_curve": [float(v) for v in history["loss"]],
         "validation_curve": [
             float(v) for v in history.get("val_accuracy", [])],
-        "progress": [list(point) for point in progress.points],
+        "progress": [list(point) for point in points],
         "optimizer_state_floats": int(sum(
             np.prod(v.shape) for v in model.optimizer.variables)),
     }

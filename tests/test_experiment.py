@@ -50,3 +50,13 @@ def test_cifar10_cnn_trains_with_bnp():
     mean, _ = model.optimizer.layer_statistics(model.layers[1])
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), atol=0.01)
     keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("method, epsilon", [("adam", None), ("bnp_adam", 3.0)])
+def test_run_records_bnp_settings_only_for_bnp(method, epsilon):
+    # Adam has an `epsilon` of its own, which is not a BNP setting.
+    result = experiment.run(method, 64, 1e-3, train_size=64,
+                            validation_size=64)
+    assert result["epsilon"] == epsilon
+    assert (result["relative_epsilon"], result["initial_scaling"]) == (
+        (None, None) if epsilon is None else (True, True))
