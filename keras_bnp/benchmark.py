@@ -306,10 +306,7 @@ def _progress_tables(config, results, timings, task):
     """Markdown tables of one task of a suite with progress points: final
     validation accuracy at each method's tuned learning rate, and the steps
     and training time to reach BatchNorm's final validation accuracy."""
-    header = "| method | " + " | ".join(
-        f"bs {b}" for b in config["batch_sizes"]) + " |"
-    rule = "|---" * (len(config["batch_sizes"]) + 1) + "|"
-    accuracy, speed = [header, rule], [header, rule]
+    accuracy, speed = _batch_size_header(config), _batch_size_header(config)
     targets = {}
     for batch_size in config["batch_sizes"]:
         runs = _tuned(results, task, "batchnorm", batch_size)
@@ -349,6 +346,40 @@ def _progress_tables(config, results, timings, task):
     ]
 
 
+def _epoch_tables(config, results, target, task):
+    """Markdown tables of one task of a suite measured per epoch: test
+    accuracy at each method's tuned learning rate, and epochs to `target`
+    validation accuracy."""
+    accuracy, epochs = _batch_size_header(config), _batch_size_header(config)
+    for method in config["methods"]:
+        cells, epoch_cells = [], []
+        for batch_size in config["batch_sizes"]:
+            runs = _tuned(results, task, method, batch_size)
+            values = [r["test_accuracy"] for r in runs]
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+                         if runs else "—")
+            epoch_cells.append(_epochs_to(runs, target) if runs else "—")
+        accuracy.append(f"| {method} | " + " | ".join(cells) + " |")
+        epochs.append(f"| {method} | " + " | ".join(epoch_cells) + " |")
+    return [
+        f"## {task.upper()}: test accuracy at the tuned learning rate",
+        "", *accuracy, "",
+        f"![BNP minus each baseline, test accuracy]({task}_accuracy.png)",
+        "",
+        f"## {task.upper()}: epochs to {target:.0%} validation accuracy",
+        "", "Mean over the seeds that reached it (how many did).", "",
+        *epochs, "",
+        f"![test accuracy per learning rate]({task}_learning_rate.png)", "",
+    ]
+
+
+def _batch_size_header(config):
+    """The first two lines of a table with a column per batch size."""
+    return ["| method | " + " | ".join(
+        f"bs {b}" for b in config["batch_sizes"]) + " |",
+        "|---" * (len(config["batch_sizes"]) + 1) + "|"]
+
+
 def report(config, results, timings, target, command):
     """The Markdown report."""
     import keras
@@ -375,33 +406,10 @@ def report(config, results, timings, target, command):
         f"seeds {config['seeds']}; mean ± standard deviation over seeds.",
         "",
     ]
-    for task in config["tasks"] if config.get("progress_points") else []:
-        lines += _progress_tables(config, results, timings, task)
-    for task in [] if config.get("progress_points") else config["tasks"]:
-        header = "| method | " + " | ".join(
-            f"bs {b}" for b in config["batch_sizes"]) + " |"
-        rule = "|---" * (len(config["batch_sizes"]) + 1) + "|"
-        accuracy, epochs = [header, rule], [header, rule]
-        for method in methods:
-            cells, epoch_cells = [], []
-            for batch_size in config["batch_sizes"]:
-                runs = _tuned(results, task, method, batch_size)
-                values = [r["test_accuracy"] for r in runs]
-                cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}"
-                             if runs else "—")
-                epoch_cells.append(_epochs_to(runs, target) if runs else "—")
-            accuracy.append(f"| {method} | " + " | ".join(cells) + " |")
-            epochs.append(f"| {method} | " + " | ".join(epoch_cells) + " |")
-        lines += [
-            f"## {task.upper()}: test accuracy at the tuned learning rate",
-            "", *accuracy, "",
-            f"![BNP minus each baseline, test accuracy]({task}_accuracy.png)",
-            "",
-            f"## {task.upper()}: epochs to {target:.0%} validation accuracy",
-            "", "Mean over the seeds that reached it (how many did).", "",
-            *epochs, "",
-            f"![test accuracy per learning rate]({task}_learning_rate.png)", "",
-        ]
+    for task in config["tasks"]:
+        lines += (_progress_tables(config, results, timings, task)
+                  if config.get("progress_points")
+                  else _epoch_tables(config, results, target, task))
     for task, per_batch in timings.items():
         for batch_size, runs in per_batch.items():
             lines += [

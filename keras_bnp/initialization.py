@@ -3,10 +3,10 @@
 BNP acts on gradients only, so it inherits the forward signal's scale from
 the initialization. With Keras' default (Glorot) initializers the inputs of
 deep ReLU layers shrink by a factor of 2 to 3 or more per layer; BatchNorm
-repairs that at every step, BNP cannot. Scaling each layer once, before training, so
-that its outputs have unit variance on a batch of data (LSUV: Mishkin &
-Matas, "All you need is a good init", ICLR 2016, without its orthogonal
-start) fixes it and changes only weights, so the model keeps its
+repairs that at every step, BNP cannot. Scaling each layer once, before
+training, so that its outputs have unit variance on a batch of data (LSUV:
+Mishkin & Matas, "All you need is a good init", ICLR 2016, without its
+orthogonal start) fixes it and changes only weights, so the model keeps its
 architecture and its inference cost.
 """
 
