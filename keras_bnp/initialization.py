@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bnp import registry
+from keras_bnp import rules
 
 
 def scale_to_unit_variance(model, inputs, target_variance=1.0):
@@ -53,15 +54,14 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
     def on_output(layer, outputs):
         if layer.name in scales:
             return outputs  # a shared layer: scaled at its first call
-        spec = registry.spec(layer)
+        variables = rules.rule_for(layer).scaled_variables(layer)
         variance = float(tf.math.reduce_variance(
             tf.cast(outputs, tf.float32)))
         scale = 1.0
-        if spec is not None and np.isfinite(variance) and variance > 0:
+        if variables and np.isfinite(variance) and variance > 0:
             scale = float(np.sqrt(target_variance / variance))
-            for variable in (spec.kernel, spec.bias):
-                if variable is not None:
-                    variable.assign(variable * scale)
+            for variable in variables:
+                variable.assign(variable * scale)
         scales[layer.name] = scale
         return outputs * tf.cast(scale, outputs.dtype)
 
@@ -69,8 +69,9 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
         # Building may trace the model symbolically; keep that out of the
         # measured pass, and let Keras record the build.
         model(inputs, training=False)
-    with registry.intercept_outputs(registry.supported_layers(model),
-                                    on_output):
+    scaled = [layer for layer in registry.supported_layers(model)
+              if rules.rule_for(layer).scaled and rules.blocks(layer)]
+    with registry.intercept_outputs(scaled, on_output):
         model(inputs, training=False)
     return scales
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from keras_bnp import preconditioner
 from keras_bnp import registry
+from keras_bnp import rules
 from keras_bnp import statistics
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
@@ -49,15 +50,18 @@ def _key(variable):
 
 @dataclasses.dataclass
 class _Slot:
-    """Running statistics of one layer's input (optimizer-owned state).
+    """Running statistics of one block's features (optimizer-owned state;
+    see `rules.Block`).
 
     Holds keys of model variables, never the variables themselves, so that
-    they are not tracked into the optimizer. `rank` is the layer's position
-    among the model's supported layers (the order of summaries).
+    they are not tracked into the optimizer. `rank` is the block's position
+    among the model's blocks (the order of summaries); `label` is the
+    layer's name, and the block's (`block_name`) when it has several.
     """
 
     rank: int
-    layer_name: str
+    label: str
+    block_name: str
     layer_class: str
     kernel_key: int
     bias_key: int | None
@@ -306,11 +310,8 @@ class BNP(keras.optimizers.Optimizer):
     def _track(self, model, layers):
         """`layers`: `model`'s supported layers, in `supported_layers`
         order."""
-        specs = {}
-        for layer in layers:
-            spec = registry.spec(layer)
-            if spec is not None:
-                specs[_key(spec.kernel)] = layer, spec
+        blocks = {_key(block.kernel): block for layer in layers
+                  for block in rules.blocks(layer)}
         built_for = {_key(v) for v in getattr(self, "_trainable_variables",
                                               [])}
         if self.built and model.trainable_variables and not any(
@@ -322,28 +323,30 @@ class BNP(keras.optimizers.Optimizer):
                 "each model, e.g. inside the loop over the folds of a "
                 "k-fold cross-validation."
             )
-        for key in [key for key in self._slots if key not in specs]:
+        for key in [key for key in self._slots if key not in blocks]:
             self._release(self._slots.pop(key))
-        for rank, (key, (layer, spec)) in enumerate(specs.items()):
+        for rank, (key, block) in enumerate(blocks.items()):
             if key in self._slots:
                 self._slots[key].rank = rank
                 continue
-            channels = (spec.in_channels,)
+            channels = (block.features_count,)
+            name = block.label.replace("/", "_")
             self._slots[key] = _Slot(
                 rank=rank,
-                layer_name=layer.name,
-                layer_class=type(layer).__name__,
+                label=block.label,
+                block_name=block.name,
+                layer_class=type(block.layer).__name__,
                 kernel_key=key,
-                bias_key=None if spec.bias is None else _key(spec.bias),
-                groups=spec.groups,
+                bias_key=None if block.bias is None else _key(block.bias),
+                groups=block.groups,
                 moving_mean=self._statistics_variable(
-                    channels, "zeros", f"{layer.name}_moving_mean"
+                    channels, "zeros", f"{name}_moving_mean"
                 ),
                 moving_variance=self._statistics_variable(
-                    channels, "ones", f"{layer.name}_moving_variance"
+                    channels, "ones", f"{name}_moving_variance"
                 ),
                 moving_count=self._statistics_variable(
-                    (), "zeros", f"{layer.name}_moving_count"
+                    (), "zeros", f"{name}_moving_count"
                 ),
             )
         self.__dict__["_model"] = weakref.ref(model)
@@ -443,17 +446,18 @@ class BNP(keras.optimizers.Optimizer):
         if not layers:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
-        specs = [registry.spec(layer) for layer in layers]
-        slots = [self._slots[_key(spec.kernel)] for spec in specs]
+        blocks = [block for layer in layers for block in rules.blocks(layer)]
+        slots = [self._slots[_key(block.kernel)] for block in blocks]
         position = {_key(v): i for i, v in enumerate(trainable_variables)}
-        indices = [(position.get(slot.kernel_key), position.get(slot.bias_key))
-                   for slot in slots]
-        # The first update of a layer (no running mean yet) centres its sums
+        indices = [[position.get(_key(v)) for v in block.variables]
+                   for block in blocks]
+        features = [[block.features(record) for record in
+                     step_inputs[block.layer]] for block in blocks]
+        # The first update of a block (no running mean yet) centres its sums
         # on values of the batch, the same on every replica.
         first_sums = _all_replica_sums([
-            statistics.shift_sums(step_inputs[layer][0], spec.channel_axis,
-                                  _mask(step_inputs[layer][0]))
-            for layer, spec in zip(layers, specs)
+            statistics.shift_sums(x, axis, _mask(x))
+            for (x, axis), *_ in features
         ])
         shifts, variances = [], []
         for slot, (total, count) in zip(slots, first_sums):
@@ -465,9 +469,8 @@ class BNP(keras.optimizers.Optimizer):
         # The input sums run as TensorFlow ops (on CPU, their multi-threaded
         # reductions beat XLA's) and are all-reduced across replicas.
         sums = _all_replica_sums([
-            _input_sums(step_inputs[layer], spec.channel_axis, shift, variance)
-            for layer, spec, shift, variance in zip(layers, specs, shifts,
-                                                    variances)
+            _input_sums(calls, shift, variance)
+            for calls, shift, variance in zip(features, shifts, variances)
         ])
         # The inner optimizer's update joins the compiled update below,
         # except under a tf.distribute strategy, whose cross-replica merge
@@ -481,27 +484,33 @@ class BNP(keras.optimizers.Optimizer):
         def update(sums, shifts, grads):
             grads = list(grads)  # tf.function forbids changing its argument
             skipped = []
-            for slot, layer_sums, shift, pair in zip(slots, sums, shifts,
-                                                     indices):
+            for block, slot, block_sums, shift, block_indices in zip(
+                    blocks, slots, sums, shifts, indices):
+                # A Dense kernel's gradient for sparse inputs has no static
+                # shape; XLA compiles `ensure_shape` away.
+                block_grads = [
+                    None if i is None or grads[i] is None else
+                    tf.ensure_shape(grads[i], trainable_variables[i].shape)
+                    for i in block_indices]
+                canonical = ((None, None) if block_grads[0] is None
+                             else block.gather(block_grads))
                 mean, variance, count, skips, *new_grads = _layer_update(
                     tf.convert_to_tensor(slot.moving_mean),
                     tf.convert_to_tensor(slot.moving_variance),
                     tf.convert_to_tensor(slot.moving_count),
-                    shift, *layer_sums,
-                    # A Dense kernel's gradient for sparse inputs has no
-                    # static shape; XLA compiles `ensure_shape` away.
-                    *(None if i is None or grads[i] is None else
-                      tf.ensure_shape(grads[i], trainable_variables[i].shape)
-                      for i in pair),
+                    shift, *block_sums, *canonical,
                     momentum=self.statistics_momentum, damping=self._damping,
-                    groups=slot.groups,
+                    groups=block.groups,
                 )
                 self.assign(slot.moving_mean, mean)
                 self.assign(slot.moving_variance, variance)
                 self.assign(slot.moving_count, count)
                 skipped.append(skips)
-                for index, grad in zip(pair, new_grads):
-                    if grad is not None:
+                if new_grads[0] is None:
+                    continue
+                for index, grad in zip(block_indices,
+                                       block.scatter(*new_grads)):
+                    if index is not None and grad is not None:
                         grads[index] = grad
             self.assign_add(self._skipped_updates, tf.add_n(skipped))
             if distributed:
@@ -534,18 +543,30 @@ class BNP(keras.optimizers.Optimizer):
                 )
         return [layer for layer, inputs in step_inputs.items() if inputs]
 
-    def layer_statistics(self, layer):
-        """Current running `(mean, variance)` of `layer`'s input, as NumPy
-        arrays of shape `(in_channels,)`."""
-        spec = registry.spec(layer) if registry.is_supported(layer) else None
-        slot = spec and self._slots.get(_key(spec.kernel))
-        if slot is None:
+    def layer_statistics(self, layer, block=None):
+        """Current running `(mean, variance)` of the features of `layer`'s
+        block named `block` (normally its input), as NumPy arrays of shape
+        `(features,)`. `block` may be omitted for a layer with one block."""
+        slots = [self._slots[_key(b.kernel)] for b in rules.blocks(layer)
+                 if _key(b.kernel) in self._slots]
+        if not slots:
             raise ValueError(
                 f"BNP has no statistics for layer '{layer.name}' "
-                f"({type(layer).__name__}). Statistics exist for the trainable "
-                "Dense/Conv1D/Conv2D/Conv3D layers of a model with BNPMixin "
-                "once the model has been built and compiled with this "
-                "optimizer (or trained one step)."
+                f"({type(layer).__name__}). Statistics exist for the "
+                "trainable layers that BNP preconditions (see "
+                "`BNP.summary()`) of a model with BNPMixin once the model "
+                "has been built and compiled with this optimizer (or "
+                "trained one step)."
+            )
+        names = [slot.block_name for slot in slots]
+        if block is None and len(slots) == 1:
+            slot = slots[0]
+        elif block in names:
+            slot = slots[names.index(block)]
+        else:
+            raise ValueError(
+                f"Layer '{layer.name}' has the statistics blocks {names}; "
+                f"pass one of them as `block`. Received: block={block!r}"
             )
         return (
             slot.moving_mean.numpy(),
@@ -589,7 +610,7 @@ class BNP(keras.optimizers.Optimizer):
             variance = slot.moving_variance.numpy()
             damping = float(self._damping(slot.moving_mean, variance))
             rows.append({
-                "layer": slot.layer_name,
+                "layer": slot.label,
                 "class": slot.layer_class,
                 "in_channels": int(variance.shape[0]),
                 "min_variance": float(variance.min()),
@@ -611,7 +632,7 @@ class BNP(keras.optimizers.Optimizer):
             rule = ("centre + scale kernel and bias" if slot.bias_key
                     is not None else "scale kernel (no bias)")
             channels = int(slot.moving_mean.shape[0])
-            lines.append(f"{slot.layer_name:<24}{slot.layer_class:<10}"
+            lines.append(f"{slot.label:<24}{slot.layer_class:<10}"
                          f"{channels:>6}{slot.groups:>7}  {rule}")
         if self.built:
             preconditioned = {k for s in self._slots.values()
@@ -643,7 +664,8 @@ class BNP(keras.optimizers.Optimizer):
         """`(layer path, slot)` pairs, in the order of the paths (by rank
         when no model is tracked)."""
         paths, _ = self._saved_places()
-        return sorted(((paths.get(key, str(slot.rank)), slot)
+        return sorted(((_joined(paths.get(key, str(slot.rank)),
+                                slot.block_name), slot)
                        for key, slot in self._slots.items()),
                       key=lambda pair: pair[0])
 
@@ -751,14 +773,14 @@ def _mask(inputs):
     return getattr(inputs, "_keras_mask", None)
 
 
-def _input_sums(inputs, channel_axis, shift, variance):
-    """`(count, sum(x - shift), sum((x - shift)^2))` pooled over all of a
-    layer's calls in this step, given its running variance (see
-    `statistics.input_sums`), without the positions that a Keras mask on
-    an input leaves out."""
+def _input_sums(calls, shift, variance):
+    """`(count, sum(x - shift), sum((x - shift)^2))` pooled over the
+    `(x, channel_axis)` of all of a block's calls in this step, given its
+    running variance (see `statistics.input_sums`), without the positions
+    that a Keras mask on `x` leaves out."""
     per_call = [
-        statistics.input_sums(x, channel_axis, shift, variance, mask=_mask(x))
-        for x in inputs
+        statistics.input_sums(x, axis, shift, variance, mask=_mask(x))
+        for x, axis in calls
     ]
     return [tf.add_n(list(parts)) for parts in zip(*per_call)]
 
@@ -819,6 +841,10 @@ def _all_replica_sums(sums):
     if context is None or context.num_replicas_in_sync == 1 or not sums:
         return sums
     return context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+
+def _joined(path, name):
+    return f"{path}/{name}" if name else path
 
 
 def _layer_keys(keys):

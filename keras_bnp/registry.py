@@ -1,12 +1,7 @@
-"""Which layers BNP preconditions, and how their inputs are captured.
-
-Supported: `Dense`, `Conv1D`, `Conv2D`, `Conv3D` (any `groups`, both data
-formats). Every other layer's variables are still trained, by the inner
-optimizer alone.
-"""
+"""The model's preconditioned layers, their places in saved files, and the
+capture of what their calls see (`rules` says what each kind needs)."""
 
 import contextlib
-import dataclasses
 
 import keras
 import tensorflow as tf
@@ -14,71 +9,7 @@ from keras.src.saving import saving_lib
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.utils import naming
 
-SUPPORTED_LAYERS = (
-    keras.layers.Dense,
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-)
-# Not subclasses of the above in Keras 3, but their kernels have other
-# layouts, so a user subclass mixing them in must never be picked.
-EXCLUDED_LAYERS = (
-    keras.layers.Conv1DTranspose,
-    keras.layers.Conv2DTranspose,
-    keras.layers.Conv3DTranspose,
-    keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv1D,
-    keras.layers.SeparableConv2D,
-    keras.layers.EinsumDense,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """What BNP needs to know of a supported, built layer."""
-
-    layer: keras.layers.Layer
-    kernel: keras.Variable
-    bias: keras.Variable | None
-    channel_axis: int
-    groups: int
-
-    @property
-    def in_channels(self):
-        return self.kernel.shape[-2] * self.groups
-
-
-def is_supported(layer):
-    """Whether `layer` is a layer kind BNP preconditions (built or not)."""
-    return (
-        isinstance(layer, SUPPORTED_LAYERS)
-        and not isinstance(layer, EXCLUDED_LAYERS)
-        # LoRA trains low-rank factors, not the kernel the statistics fit.
-        and not getattr(layer, "lora_enabled", False)
-        and layer.trainable
-    )
-
-
-def spec(layer):
-    """The `LayerSpec` of a supported layer, or `None` while it is unbuilt
-    or its kernel is not trainable (e.g. frozen or quantized)."""
-    if not layer.built:
-        return None
-    # The variables themselves: inside a mixed-precision call, attributes
-    # such as `layer.kernel` can be autocast tensors.
-    weights = {weight.name: weight for weight in layer.trainable_weights}
-    kernel = weights.get("kernel")
-    if kernel is None:
-        return None
-    data_format = getattr(layer, "data_format", "channels_last")
-    return LayerSpec(
-        layer=layer,
-        kernel=kernel,
-        bias=weights.get("bias"),
-        channel_axis=1 if data_format == "channels_first" else -1,
-        groups=getattr(layer, "groups", 1),
-    )
+from keras_bnp import rules
 
 
 def supported_layers(model):
@@ -86,7 +17,7 @@ def supported_layers(model):
     return [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)
-        if is_supported(layer)
+        if rules.rule_for(layer) is not None
     ]
 
 
@@ -134,9 +65,10 @@ def saved_paths(model):
 
 @contextlib.contextmanager
 def capture_inputs(layers, on_first_call):
-    """Records the first positional input of every call of `layers`.
+    """Records what every call of `layers` gives their blocks' statistics
+    (`Rule.record`: normally the first positional input).
 
-    Yields a dict `{layer: [input, ...]}`; a layer called several times (a
+    Yields a dict `{layer: [record, ...]}`; a layer called several times (a
     shared layer) has one entry per call. `on_first_call(layer)` runs the
     first time each layer is called, after Keras has built it. Calls in
     another graph than the one entered in (Keras' symbolic shape inference
@@ -146,12 +78,14 @@ def capture_inputs(layers, on_first_call):
     graph = tf.compat.v1.get_default_graph()
 
     def wrap(layer, call):
+        rule = rules.rule_for(layer)
+
         def recording_call(*args, **kwargs):
-            if tf.compat.v1.get_default_graph() is graph:
-                if not captured[layer]:
-                    on_first_call(layer)
-                captured[layer].append(args[0] if args else kwargs["inputs"])
-            return call(*args, **kwargs)
+            if tf.compat.v1.get_default_graph() is not graph:
+                return call(*args, **kwargs)
+            if not captured[layer]:
+                on_first_call(layer)
+            return rule.record(layer, call, args, kwargs, captured[layer])
 
         return recording_call
 
