@@ -115,3 +115,62 @@ class SGDMomentum:
         velocity = self.momentum * velocity - self.learning_rate * grad
         self.velocity[name] = velocity
         return weight + velocity
+
+
+def depthwise_conv(inputs, kernel, strides=1, padding="valid",
+                   dilation_rate=1, channels_first=False):
+    """Keras' depthwise convolution, by its definition: output channel
+    `c * multiplier + m` at position `i` is `sum_k x[s * i + d * k, c] *
+    kernel[k, c, m]` over the kernel's taps `k`, on the input zero-padded
+    as TensorFlow's "same" pads (the extra row, if any, at the end).
+
+    `inputs`: `(batch, *spatial, channels)` (channels first with
+    `channels_first`); `kernel`: `(*spatial, channels, multiplier)`.
+    """
+    x = np.asarray(inputs, np.float64)
+    if channels_first:
+        x = np.moveaxis(x, 1, -1)
+    *taps, channels, multiplier = np.shape(kernel)
+    rank = len(taps)
+    strides = np.broadcast_to(strides, rank)
+    dilation_rate = np.broadcast_to(dilation_rate, rank)
+    pads = [(0, 0)]
+    sizes = []
+    for n, k, s, d in zip(x.shape[1:-1], taps, strides, dilation_rate):
+        span = (k - 1) * d + 1
+        size = -(-n // s) if padding == "same" else (n - span) // s + 1
+        total = max((size - 1) * s + span - n, 0) if padding == "same" else 0
+        pads.append((total // 2, total - total // 2))
+        sizes.append(size)
+    x = np.pad(x, pads + [(0, 0)])
+    out = np.zeros((x.shape[0], *sizes, channels, multiplier))
+    for tap in np.ndindex(*taps):
+        window = tuple(
+            slice(t * d, t * d + (size - 1) * s + 1, s)
+            for t, d, s, size in zip(tap, dilation_rate, strides, sizes))
+        out += (x[(slice(None), *window)][..., None]
+                * np.asarray(kernel, np.float64)[tap])
+    out = out.reshape(*out.shape[:-2], channels * multiplier)
+    return np.moveaxis(out, -1, 1) if channels_first else out
+
+
+def depthwise_precondition(grad_kernel, grad_bias, mean, variance, epsilon):
+    """BNP-preconditioned gradients of a depthwise kernel `(*spatial,
+    channels, multiplier)` and its bias `(channels * multiplier,)` (or
+    `None`): each input channel `c` is its own layer, whose fan-in is the
+    taps of channel `c` and whose units are the outputs `c * multiplier +
+    m`."""
+    grad_kernel = np.asarray(grad_kernel, np.float64)
+    multiplier = grad_kernel.shape[-1]
+    out_kernel = np.empty_like(grad_kernel)
+    out_bias = None if grad_bias is None else np.empty(np.shape(grad_bias))
+    for c in range(grad_kernel.shape[-2]):
+        units = slice(c * multiplier, (c + 1) * multiplier)
+        kernel, bias = precondition(
+            grad_kernel[..., c:c + 1, :],
+            None if grad_bias is None else grad_bias[units],
+            mean[c:c + 1], variance[c:c + 1], epsilon)
+        out_kernel[..., c:c + 1, :] = kernel
+        if grad_bias is not None:
+            out_bias[units] = bias
+    return out_kernel, out_bias
