@@ -245,8 +245,8 @@ def _small_model():
 def test_fit_preconditions_every_kernel():
     model = _small_model()
     rng = np.random.default_rng(4)
-    x = _inputs(rng, (64, 8, 8, 3), False)
-    y = rng.integers(0, 3, 64)
+    x = _inputs(rng, (32, 8, 8, 3), False)
+    y = rng.integers(0, 3, 32)
     model.compile(keras_bnp.BNP(0.05), loss=keras.losses.
                   SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
@@ -269,9 +269,24 @@ def test_initial_scaling_scales_pointwise_kernel_and_bias():
     scales = keras_bnp.scale_to_unit_variance(model, x)
     depthwise, pointwise, bias = (w.numpy() for w in separable.weights)
     scale = scales["separable"]
+    assert abs(scale - 1.0) > 0.1
     assert_allclose(depthwise, before[0], atol=0)
     assert_allclose(pointwise, scale * before[1])
     assert_allclose(bias, scale * before[2])
     for name in ("depthwise", "separable"):
         outputs = keras.Model(model.input, model.get_layer(name).output)(x)
         assert_allclose(np.var(outputs), 1.0, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("application, size", [
+    (keras.applications.MobileNetV3Small, 32),
+    (keras.applications.Xception, 71),
+])
+def test_applications_have_every_kernel_preconditioned(application, size):
+    base = application(input_shape=(size, size, 3), weights=None, classes=3)
+    model = keras_bnp.BNPModel(base.inputs, base.outputs)
+    covered = {id(block.kernel) for layer in model.layers
+               for block in rules.blocks(layer)}
+    kernels = [v.path for v in model.trainable_variables
+               if v.name.endswith("kernel") and id(v) not in covered]
+    assert kernels == []
