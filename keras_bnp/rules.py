@@ -269,7 +269,6 @@ def _channel_axis(layer):
     return 1 if getattr(layer, "data_format", None) == "channels_first" else -1
 
 
-
 def _depthwise_block(layer, kernel, bias, block_class=Block, **fields):
     """The `block_class` of a depthwise kernel `(*spatial, in,
     multiplier)`: the grouped layout `(*spatial, 1, in * multiplier)` with

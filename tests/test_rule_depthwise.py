@@ -256,6 +256,9 @@ def test_fit_preconditions_every_kernel():
     for label in ("depthwise ", "separable/depthwise", "separable/pointwise"):
         assert label in lines[0]
     assert history.history["loss"][-1] < history.history["loss"][0]
+    with pytest.raises(ValueError, match=r"\['depthwise', 'pointwise'\]; "
+                       "pass one of them as `block`"):
+        model.optimizer.layer_statistics(model.get_layer("separable"))
 
 
 def test_initial_scaling_scales_pointwise_kernel_and_bias():

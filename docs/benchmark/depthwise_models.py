@@ -1,9 +1,9 @@
 """Keras applications built on depthwise and separable convolutions under
 BNP: the share of their trainable kernels that BNP preconditions with the
-Dense and Conv rules alone and with all rules, and a few `fit` steps with
-the initial scaling on.
+Dense and Conv rules alone and with all rules, and a short `fit` on a few
+fixed examples of noise (with BNP, its initial scaling on or off, or SGD).
 
-    python docs/benchmark/depthwise_models.py [--steps 4]
+    python docs/benchmark/depthwise_models.py [--optimizer bnp]
 """
 
 import argparse
@@ -41,12 +41,16 @@ def kernel_shares(model, kinds=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--optimizer", default="bnp",
+                        choices=["bnp", "bnp-unscaled", "sgd"])
+    parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
     print("| model | input | kernel params, Dense+Conv rules | all rules | "
           "kernel variables, Dense+Conv rules | all rules | initial scales "
-          "| loss, first and last step | fit seconds |")
+          "| loss, first and last epoch | fit seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (application, size) in MODELS.items():
         keras.utils.set_random_seed(0)
@@ -56,24 +60,28 @@ def main():
         before = kernel_shares(model, DENSE_AND_CONV)
         after = kernel_shares(model)
         rng = np.random.default_rng(0)
-        count = args.steps * args.batch_size
-        x = rng.uniform(0, 255, (count, size, size, 3)).astype("float32")
-        y = rng.integers(0, 3, count)
-        model.compile(keras_bnp.BNP(0.01), loss=keras.losses.
+        x = rng.uniform(0, 255, (args.examples, size, size, 3)).astype(
+            "float32")
+        y = rng.integers(0, 3, args.examples)
+        if args.optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(args.learning_rate, momentum=0.9)
+        else:
+            optimizer = keras_bnp.BNP(
+                args.learning_rate,
+                initial_scaling=args.optimizer == "bnp")
+        model.compile(optimizer, loss=keras.losses.
                       SparseCategoricalCrossentropy(from_logits=True))
-        losses = []
-        callback = keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda _, logs, out=losses: out.append(
-                logs["loss"]))
         start = time.perf_counter()
-        model.fit(x, y, batch_size=args.batch_size, epochs=1, verbose=0,
-                  callbacks=[callback])
+        losses = model.fit(x, y, batch_size=args.batch_size,
+                           epochs=args.epochs, verbose=0).history["loss"]
         seconds = time.perf_counter() - start
-        scales = list(model.optimizer.initial_scales.values())
+        scales = list(getattr(optimizer, "initial_scales", {}).values())
+        scaled = (f"{min(scales):.3g} to {max(scales):.3g} ({len(scales)} "
+                  "layers)" if scales else "none")
         print(f"| {name} | {size}x{size} | {before[0]:.1%} | {after[0]:.1%} "
-              f"| {before[1]:.1%} | {after[1]:.1%} | {min(scales):.3g} to "
-              f"{max(scales):.3g} ({len(scales)} layers) | {losses[0]:.3f}, "
-              f"{losses[-1]:.3f} | {seconds:.0f} |")
+              f"| {before[1]:.1%} | {after[1]:.1%} | {scaled} | "
+              f"{losses[0]:.3f}, {losses[-1]:.3f} | {seconds:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
