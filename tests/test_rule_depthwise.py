@@ -242,25 +242,6 @@ def _small_model():
     return keras_bnp.BNPModel(inputs, keras.layers.Dense(3)(hidden))
 
 
-def test_fit_preconditions_every_kernel():
-    model = _small_model()
-    rng = np.random.default_rng(4)
-    x = _inputs(rng, (32, 8, 8, 3), False)
-    y = rng.integers(0, 3, 32)
-    model.compile(keras_bnp.BNP(0.05), loss=keras.losses.
-                  SparseCategoricalCrossentropy(from_logits=True))
-    history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
-    lines = []
-    model.optimizer.summary(print_fn=lines.append)
-    assert "0 other trainable variables" in lines[0]
-    for label in ("depthwise ", "separable/depthwise", "separable/pointwise"):
-        assert label in lines[0]
-    assert history.history["loss"][-1] < history.history["loss"][0]
-    with pytest.raises(ValueError, match=r"\['depthwise', 'pointwise'\]; "
-                       "pass one of them as `block`"):
-        model.optimizer.layer_statistics(model.get_layer("separable"))
-
-
 def test_initial_scaling_scales_pointwise_kernel_and_bias():
     model = _small_model()
     rng = np.random.default_rng(5)
@@ -293,3 +274,38 @@ def test_applications_have_every_kernel_preconditioned(application, size):
     kernels = [v.path for v in model.trainable_variables
                if v.name.endswith("kernel") and id(v) not in covered]
     assert kernels == []
+
+
+def test_fit_preconditions_every_kernel_and_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(6)
+    x = _inputs(rng, (16, 8, 8, 3), False)
+    y = rng.integers(0, 3, 16)
+    models, histories = [], []
+    for epochs in (3, 2):
+        keras.utils.set_random_seed(0)
+        model = _small_model()
+        model.compile(keras_bnp.BNP(0.05), loss=keras.losses.
+                      SparseCategoricalCrossentropy(from_logits=True))
+        histories.append(model.fit(x, y, batch_size=8, epochs=epochs,
+                                   shuffle=False, verbose=0).history["loss"])
+        models.append(model)
+    straight, saved = models
+    assert histories[0][-1] < histories[0][0]
+    lines = []
+    straight.optimizer.summary(print_fn=lines.append)
+    assert "0 other trainable variables" in lines[0]
+    for label in ("depthwise ", "separable/depthwise", "separable/pointwise"):
+        assert label in lines[0]
+    with pytest.raises(ValueError, match=r"\['depthwise', 'pointwise'\]; "
+                       "pass one of them as `block`"):
+        straight.optimizer.layer_statistics(straight.get_layer("separable"))
+
+    saved.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    for block in ("depthwise", "pointwise"):
+        for a, b in zip(*(m.optimizer.layer_statistics(
+                m.get_layer("separable"), block) for m in (saved, loaded))):
+            assert_allclose(a, b, atol=0, rtol=0)
+    loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(straight.get_weights(), loaded.get_weights()):
+        assert_allclose(a, b, atol=1e-6)
