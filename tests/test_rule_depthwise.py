@@ -45,6 +45,10 @@ SEPARABLE = {
         lambda: keras.layers.SeparableConv2D(
             2, 2, data_format="channels_first"),
         (3, 4, 4), True),
+    "separable2d_strided_dilated": (
+        lambda: keras.layers.SeparableConv2D(
+            2, 2, strides=2, dilation_rate=2),
+        (7, 8, 2), False),
     "separable1d": (lambda: keras.layers.SeparableConv1D(3, 2), (6, 3),
                     False),
     "separable1d_channels_first_dilated_multiplier2": (
