@@ -348,6 +348,7 @@ class BNP(keras.optimizers.Optimizer):
             )
         self.__dict__["_model"] = weakref.ref(model)
         self.__dict__["_places"] = None
+        self._restore_deferred_statistics()
         if self.built:
             self._build_inner()
 
@@ -657,6 +658,47 @@ class BNP(keras.optimizers.Optimizer):
             for field, variable in zip(_Slot.FIELDS, slot.variables):
                 state[f"{path.replace('/', '.')}:{field}"] = variable
         return state
+
+    def _statistics_state(self):
+        """The statistics' entries of `_saved_state`: `{"path:field":
+        variable}`."""
+        own = {id(variable) for variable in self._own_variables()}
+        return {key: variable for key, variable in self._saved_state().items()
+                if id(variable) not in own}
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """BNP's dependencies in TensorFlow's object-based checkpoints
+        (`tf.train.Checkpoint`, `tf.train.CheckpointManager`): each
+        statistic by its `_saved_state` key, i.e. by its layer's path in the
+        model's saved files, so that a model whose layers are created (or
+        built) in another order gets each layer's own statistics back.
+
+        Not Keras' `_variables` and `_trainable_variables`, which TensorFlow
+        tracks as lists, by position: the first in creation order, the
+        second (the model's own variables, which the model checkpoints by
+        name) in the model's order of the process. Matched by position,
+        they would swap the statistics of a reordered model's layers, and
+        where the model's path to a kernel is the longer one, its kernels
+        too. The inner optimizer's state stays positional, in the order of
+        the model's saved files (see `_build_inner`).
+        """
+        children = super()._trackable_children(save_type, **kwargs)
+        children.pop("_variables", None)
+        children.pop("_trainable_variables", None)
+        children.update(self._statistics_state())
+        return children
+
+    def _restore_deferred_statistics(self):
+        """Restores the statistics that a TensorFlow checkpoint restored
+        before they existed (`checkpoint.restore` before the first step)
+        holds for them by name; eagerly, also when their layer was first
+        built inside the traced step."""
+        self._maybe_initialize_trackable()
+        if not self._deferred_dependencies:
+            return
+        with tf.init_scope():
+            for key, variable in self._statistics_state().items():
+                self._handle_deferred_dependencies(name=key, trackable=variable)
 
     def save_own_variables(self, store):
         for key, variable in self._saved_state().items():

@@ -349,6 +349,165 @@ def test_reload_with_layers_created_in_another_order(momentum, tmp_path):
         assert not np.allclose(saved["encoder_mean"], saved["head_mean"])
 
 
+_REORDERED_CHECKPOINT = textwrap.dedent("""
+    import os
+    import sys
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_bnp
+
+
+    def add_layers(owner, reverse):
+        # Two Dense layers of the same shapes: created in the other order,
+        # their creation positions (and names) swap, their attributes, which
+        # checkpoints and Keras files name them by, do not.
+        if reverse:
+            owner.head = keras.layers.Dense(4)
+            owner.encoder = keras.layers.Dense(4, activation="relu")
+        else:
+            owner.encoder = keras.layers.Dense(4, activation="relu")
+            owner.head = keras.layers.Dense(4)
+
+
+    class Block(keras.layers.Layer):
+        def __init__(self, reverse, **kwargs):
+            super().__init__(**kwargs)
+            add_layers(self, reverse)
+
+        def call(self, x):
+            return self.head(self.encoder(x))
+
+
+    class Net(keras_bnp.BNPMixin, keras.Model):
+        # The layers as attributes of the model, or one level down (then
+        # the model's path to a kernel is longer than the optimizer's).
+        def __init__(self, reverse, nested, **kwargs):
+            super().__init__(**kwargs)
+            if nested:
+                self.block = Block(reverse)
+            else:
+                add_layers(self, reverse)
+
+        def call(self, x):
+            block = getattr(self, "block", self)
+            return block.head(block.encoder(x))
+
+
+    def compiled(reverse, nested):
+        model = Net(reverse, nested)
+        model.compile(optimizer=keras_bnp.BNP(inner_optimizer=(
+            keras.optimizers.SGD(0.01, momentum=0.9) if INNER == "sgd"
+            else keras.optimizers.Adam(0.01))), loss="mse")
+        return model
+
+
+    def state(model):
+        bnp = model.optimizer
+        inner = bnp.inner_optimizer
+        slots = ([inner.momentums] if INNER == "sgd"
+                 else [inner._momentums, inner._velocities])
+        arrays = {"iterations": bnp.iterations.numpy()}
+        for name in ("encoder", "head"):
+            layer = getattr(getattr(model, "block", model), name)
+            arrays[name + "_mean"], arrays[name + "_variance"] = (
+                bnp.layer_statistics(layer))
+            arrays[name + "_kernel"] = layer.kernel.numpy()
+            index = inner._get_variable_index(layer.kernel)
+            for i, slot in enumerate(slots):
+                arrays[f"{name}_slot{i}"] = slot[index].numpy()
+        return arrays
+
+
+    directory, INNER, order = sys.argv[1:]
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(32, 4)) * [1, 2, 3, 4] + [5, -5, 0, 9]).astype(
+        "float32")
+    for nested in (False, True):
+        folder = os.path.join(directory, f"nested{nested:d}")
+        if order == "saved":
+            keras.utils.set_random_seed(0)
+            model = compiled(False, nested)
+            model.fit(x, np.zeros((32, 4)), batch_size=8, verbose=0)
+            checkpoint = tf.train.Checkpoint(model=model,
+                                             optimizer=model.optimizer)
+            tf.train.CheckpointManager(checkpoint, folder, 1).save()
+            np.savez(os.path.join(folder, "saved.npz"), **state(model))
+            continue
+        # Restored into the statistics (after the optimizer is built), and
+        # before they exist (TensorFlow restores each one on creation).
+        for when in ("after", "before"):
+            keras.utils.set_random_seed(1)
+            model = compiled(True, nested)
+            model(x[:1])
+            checkpoint = tf.train.Checkpoint(model=model,
+                                             optimizer=model.optimizer)
+            latest = tf.train.latest_checkpoint(folder)
+            if when == "after":
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.track(model)
+            status = checkpoint.restore(latest)
+            if when == "before":
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.track(model)
+            status.assert_consumed()
+            np.savez(os.path.join(folder, when + ".npz"), **state(model))
+""")
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_tf_checkpoint_restores_each_layer_its_own_state(inner, tmp_path):
+    # A tf.train.Checkpoint (via CheckpointManager) restored in a fresh
+    # process whose model creates its layers in the other order, before
+    # and after the optimizer is built: each layer gets back its own
+    # statistics, kernel and inner optimizer slots (SGD's velocity, Adam's
+    # m and v), bit for bit. Before, TensorFlow matched BNP's statistics by
+    # creation position and swapped them between the layers, and, with the
+    # layers one level down, the kernels too (via the optimizer's list of
+    # the model's variables), without an error.
+    script = tmp_path / "reordered_checkpoint.py"
+    script.write_text(_REORDERED_CHECKPOINT)
+    for order in ("saved", "reversed"):
+        subprocess.run([sys.executable, str(script), str(tmp_path), inner,
+                        order], check=True, timeout=300, env=subprocess_env())
+    for nested in ("nested0", "nested1"):
+        with np.load(tmp_path / nested / "saved.npz") as saved:
+            saved = dict(saved)
+        # The two layers' states differ, so a swap would show.
+        assert not np.allclose(saved["encoder_mean"], saved["head_mean"])
+        assert not np.allclose(saved["encoder_kernel"], saved["head_kernel"])
+        assert len(saved) == 1 + 2 * (3 + (1 if inner == "sgd" else 2))
+        for when in ("after", "before"):
+            with np.load(tmp_path / nested / f"{when}.npz") as loaded:
+                assert sorted(loaded.files) == sorted(saved)
+                for name, value in saved.items():
+                    np.testing.assert_array_equal(
+                        loaded[name], value, err_msg=f"{nested} {when} {name}")
+
+
+@pytest.mark.parametrize("kind", ["sequential", "deferred_sequential"])
+def test_tf_checkpoint_restored_before_the_first_step_resumes(kind, tmp_path):
+    # Restored into a fresh model before any step, so that BNP's variables
+    # are created after the restore (inside the first traced step for the
+    # deferred Sequential's layers), then trained on: the run continues as
+    # if uninterrupted. Before, with the deferred Sequential, a layer's
+    # running mean received the skipped-updates counter's value (matched
+    # by creation position).
+    straight = _straight(kind)
+    model = _compiled(kind)
+    model.fit(X, Y, epochs=1, **FIT)
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+        str(tmp_path / "ckpt"))
+    restored = _compiled(kind)
+    status = tf.train.Checkpoint(
+        model=restored, optimizer=restored.optimizer).restore(path)
+    restored.fit(X, Y, epochs=1, **FIT)
+    status.assert_consumed()
+    _assert_same_state(straight, restored)
+
+
 def test_k_fold_reuse_is_refused_and_leaves_the_first_model_intact(tmp_path):
     # One BNP for the models of two folds: the second is refused before
     # BNP takes any of its layers, so the first still saves and reloads
