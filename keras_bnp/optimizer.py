@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import math
+import os
 import warnings
 import weakref
 
@@ -701,19 +702,37 @@ class BNP(keras.optimizers.Optimizer):
                 self._handle_deferred_dependencies(name=key, trackable=variable)
 
     def save_own_variables(self, store):
-        for key, variable in self._saved_state().items():
-            store[key] = variable.numpy()
+        # The statistics first and BNP's own variables last, so that a save
+        # interrupted in between never leaves what an unbuilt BNP saves
+        # (only `iteration` and `learning_rate`), which loads as nothing.
+        state = self._saved_state()
+        statistics_keys = set(self._statistics_state())
+        for key in sorted(state, key=lambda key: key not in statistics_keys):
+            store[key] = state[key].numpy()
 
     def load_own_variables(self, store):
+        """Assigns BNP's saved state, after checking all of it: a load that
+        fails assigns nothing."""
         state = self._saved_state()
         saved = set(store.keys())
+        source = _source(store)
+        if not saved:
+            raise ValueError(
+                f"{source or 'The file'} has no saved state for optimizer "
+                f"'{self.name}' (BNP's layer statistics): it was saved from a "
+                "model without an optimizer, or its save was interrupted. To "
+                "load only the layers' weights, load them before compiling "
+                "with BNP, or pass `skip_mismatch=True` to `load_weights`, "
+                "which warns and keeps BNP's state as it is."
+            )
+        where = f" in {source}" if source else ""
         # A BNP saved before it was built (a model never trained) has only
         # Keras' own two variables.
         unbuilt = saved <= {"iteration", "learning_rate"}
         if saved != set(state) and not unbuilt:
             raise ValueError(
-                f"The saved state of optimizer '{self.name}' does not fit "
-                f"this BNP: it has statistics of layers "
+                f"The saved state of optimizer '{self.name}'{where} does not "
+                f"fit this BNP: it has statistics of layers "
                 f"{_layer_keys(saved)} and other variables "
                 f"{sorted(k for k in saved if ':' not in k)}, where this BNP "
                 f"has statistics of layers {_layer_keys(state)} (by their "
@@ -721,8 +740,18 @@ class BNP(keras.optimizers.Optimizer):
                 f"{sorted(k for k in state if ':' not in k)}. Load a file "
                 "saved from the same architecture, compiled with BNP."
             )
-        for key in saved:
-            state[key].assign(store[key])
+        values = {key: np.asarray(store[key]) for key in sorted(saved)}
+        wrong = [f"{key} has shape {value.shape} where this BNP has "
+                 f"{tuple(state[key].shape)}" for key, value in values.items()
+                 if value.shape != tuple(state[key].shape)]
+        if wrong:
+            raise ValueError(
+                f"The saved state of optimizer '{self.name}'{where} does not "
+                f"fit this BNP: {'; '.join(wrong)}. Load a file saved from "
+                "the same architecture, compiled with BNP."
+            )
+        for key, value in values.items():
+            state[key].assign(value)
 
     def get_weights(self):
         """The values of all variables (own, statistics, inner optimizer's),
@@ -861,6 +890,18 @@ def _all_replica_sums(sums):
     if context is None or context.num_replicas_in_sync == 1 or not sums:
         return sums
     return context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+
+def _source(store):
+    """`'path'` of the file that a Keras weights store reads, where the
+    store tells (a `.weights.h5` file, or a `.keras` archive read by
+    `load_weights`); else `None`."""
+    archive = getattr(store, "archive", None)
+    path = (getattr(archive, "filename", None)
+            or getattr(store, "path_or_io", None))
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    return f"'{os.fspath(path)}'"
 
 
 def _layer_keys(keys):

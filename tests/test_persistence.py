@@ -1,6 +1,7 @@
 """Saving, resuming and exporting BNP models."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -616,3 +617,164 @@ def test_state_of_another_optimizer_is_refused(tmp_path):
                        r"\['0', '1'.*statistics of layers \['layers/dense', "
                        r"'layers/dense_1'\]"):
         model.load_weights(tmp_path / "adam.weights.h5")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(written):
+    """A `save_own_variables` that stops after writing `written` of BNP's
+    entries, as an interrupted save (e.g. Ctrl-C, a full disk) does."""
+    save = keras_bnp.BNP.save_own_variables
+
+    def interrupted(self, store):
+        class Store:
+            count = 0
+
+            def __setitem__(self, key, value):
+                if self.count == written:
+                    raise _Interrupted(f"after {written} entries")
+                self.count += 1
+                store[key] = value
+
+        save(self, Store())
+
+    return interrupted
+
+
+def _statistics_values(bnp):
+    return [v.numpy() for _, s in bnp._saved_slots() for v in s.variables]
+
+
+@pytest.mark.parametrize("written", [0, 2, 8])
+def test_weights_file_of_an_interrupted_save_is_refused(written, tmp_path,
+                                                        monkeypatch):
+    # A save interrupted while BNP writes its part leaves a readable
+    # .weights.h5 (Keras writes it in place) with all layers' weights and
+    # some or none of BNP's 9 entries. Loading it is an error that names
+    # the file, and leaves BNP's statistics as they were. Before, with 0 or
+    # 2 entries written, BNP loaded nothing without a word (the inner
+    # optimizer's "Skipping variable loading" warning was the only sign),
+    # and training went on with fresh statistics.
+    model = _straight("sequential", epochs=1)
+    path = tmp_path / "m.weights.h5"
+    monkeypatch.setattr(keras_bnp.BNP, "save_own_variables",
+                        _interrupt_after(written))
+    with pytest.raises(_Interrupted):
+        model.save_weights(path)
+    monkeypatch.undo()
+    loaded = _prepared("sequential")
+    loaded.fit(X[:8], Y[:8], verbose=0)  # statistics not at their start
+    before = _statistics_values(loaded.optimizer)
+    name = loaded.optimizer.name
+    if written == 0:
+        message = (
+            f"'{path}' has no saved state for optimizer '{name}' (BNP's "
+            "layer statistics): it was saved from a model "
+            "without an optimizer, or its save was interrupted. To load only "
+            "the layers' weights, load them before compiling with BNP, or "
+            "pass `skip_mismatch=True` to `load_weights`, which warns and "
+            "keeps BNP's state as it is.")
+    else:
+        message = (
+            f"The saved state of optimizer '{name}' in "
+            f"'{path}' does not fit this BNP: it has statistics of layers "
+            f"{['layers/dense', 'layers/dense_1'][:1 + (written > 3)]}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loaded.load_weights(path)
+    for a, b in zip(_statistics_values(loaded.optimizer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_without_optimizer_state_load_with_skip_mismatch(tmp_path):
+    # Weights saved from a model without an optimizer have nothing for BNP:
+    # an error (before, only the inner optimizer's warning); with
+    # `skip_mismatch=True`, Keras' warning, the layers' weights, and BNP's
+    # state as it was.
+    model = _straight("sequential", epochs=1)
+    plain, _ = MODEL_KINDS["sequential"]()
+    plain.set_weights(model.get_weights())
+    path = tmp_path / "plain.weights.h5"
+    plain.save_weights(path)
+    loaded = _prepared("sequential")
+    with pytest.raises(ValueError, match=re.escape(
+            f"'{path}' has no saved state for optimizer "
+            f"'{loaded.optimizer.name}'")):
+        loaded.load_weights(path)
+    loaded = _prepared("sequential")
+    before = _statistics_values(loaded.optimizer)
+    with pytest.warns(UserWarning, match="A total of 1 objects could not be "
+                      "loaded"), pytest.warns(UserWarning, match="Skipping "
+                                              "variable loading"):
+        loaded.load_weights(path, skip_mismatch=True)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_statistics_values(loaded.optimizer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_or_unfinished_files_are_refused(tmp_path, monkeypatch):
+    # What a killed process or a copy cut short leaves: Keras' own errors,
+    # never a partial load. A .keras file whose save stopped in BNP's part
+    # has no weights at all (Keras writes them into the archive last).
+    model = _straight("sequential", epochs=1)
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+    for name in ("m.keras", "m.weights.h5"):
+        data = (tmp_path / name).read_bytes()
+        for fraction in (0.1, 0.5, 0.99):
+            cut = tmp_path / f"cut_{name}"
+            cut.write_bytes(data[:int(len(data) * fraction)])
+            if name == "m.keras":
+                with pytest.raises(ValueError, match=re.escape(
+                        f"File not found: filepath={cut}. Please ensure the "
+                        "file is an accessible `.keras` zip file.")):
+                    keras.models.load_model(cut)
+            else:
+                with pytest.raises(OSError, match=r"^Unable to synchronously "
+                                   r"open file \(truncated file: eof = "):
+                    _compiled("sequential").load_weights(cut)
+    monkeypatch.setattr(keras_bnp.BNP, "save_own_variables",
+                        _interrupt_after(4))
+    with pytest.raises(_Interrupted):
+        model.save(tmp_path / "m.keras")  # over the complete file
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=re.escape(
+            "Expected a model.weights.h5 or model.weights.npz file.")):
+        keras.models.load_model(tmp_path / "m.keras")
+
+
+def test_failed_load_assigns_nothing():
+    # BNP checks every saved entry (names, shapes, readable) before it
+    # assigns any: a load that fails leaves all of its state as it was.
+    # Before, the entries before the faulty one were assigned.
+    model = _straight("sequential", epochs=1)
+    store = {}
+    model.optimizer.save_own_variables(store)
+    other = _prepared("sequential")
+    before = [v.numpy() for v in other.optimizer.variables]
+
+    def unchanged():
+        for variable, value in zip(other.optimizer.variables, before):
+            np.testing.assert_array_equal(variable.numpy(), value)
+
+    wrong = dict(store)
+    wrong["layers.dense_1:moving_variance"] = np.ones(4, "float32")
+    with pytest.raises(ValueError, match=re.escape(
+            f"The saved state of optimizer '{other.optimizer.name}' does not "
+            "fit this BNP: layers.dense_1:moving_variance has shape (4,) "
+            "where this BNP has (5,). Load a file saved from the same "
+            "architecture, compiled with BNP.")):
+        other.optimizer.load_own_variables(wrong)
+    unchanged()
+
+    class Unreadable(dict):
+        def __getitem__(self, key):
+            if key == "layers.dense_1:moving_variance":
+                raise OSError("Can't read data (corrupt)")
+            return super().__getitem__(key)
+
+    with pytest.raises(OSError, match=r"Can't read data \(corrupt\)"):
+        other.optimizer.load_own_variables(Unreadable(store))
+    unchanged()
