@@ -31,7 +31,7 @@ from keras_bnp import _cli
 # inner optimizer, the first `fit` with BNP warns.
 WARNING_SHARE = 0.1
 _PATH_WIDTH = 56
-_CLASS_WIDTH = 18
+_CLASS_WIDTH = 20
 _NO_VARIABLES = ("The model has no variables yet: build it first (give it an "
                  "`Input`, call it on data, or call `model.build(shape)`).")
 
@@ -260,20 +260,23 @@ def report(model, print_fn=print):
 
 
 def shorten(text, width):
-    """`text` cut to `width` characters in the middle, at `/` where it can:
-    the first and the last parts of a path are the telling ones."""
+    """`text` cut to `width` characters in the middle. Of a path, it keeps
+    the layer and the variable (the last two parts) whole, and the first
+    part and as many more of the last as fit; where no whole part can go,
+    it cuts characters, as few as it can of the layer and the variable."""
     if len(text) <= width:
         return text
     parts = text.split("/")
-    head, tail = parts[0], []
-    for part in reversed(parts[1:]):
-        if len(head) + len("/.../") + len("/".join([part, *tail])) > width:
-            break
-        tail.insert(0, part)
-    if tail and len(tail) < len(parts) - 1:
-        return f"{head}/.../{'/'.join(tail)}"
+    head, middle, tail = parts[0], parts[1:-2], parts[-2:]
+    if middle and len("/".join([head, "...", *tail])) <= width:
+        while middle and len("/".join(
+                [head, "...", middle[-1], *tail])) <= width:
+            tail.insert(0, middle.pop())
+        return "/".join([head, "...", *tail])
     keep = width - 3
-    return f"{text[:keep // 2]}...{text[len(text) - (keep - keep // 2):]}"
+    end = len("/".join(tail)) + (len(parts) > 2)
+    end = end if end <= 3 * keep // 4 else keep - keep // 2
+    return f"{text[:keep - end]}...{text[len(text) - end:]}"
 
 
 def _layer_paths(saved_paths, layers):

@@ -163,6 +163,12 @@ def test_first_fit_is_quiet_with_verbose_0(capsys):
     ("dense/kernel", 12, "dense/kernel"),
     ("transformer_encoder_1/_self_attention_layer/query_dense/kernel", 48,
      "transformer_encoder_1/.../query_dense/kernel"),
+    ("a/b/c/d/e/f", 10, "a/.../e/f"),
+    ("a/b/c/d/e/f/g", 11, "a/.../e/f/g"),
+    # No middle part to leave out: characters of the first part, else of
+    # both ends.
+    ("transformer_layer_0/_feedforward_intermediate_dense/kernel", 56,
+     "transformer_la.../_feedforward_intermediate_dense/kernel"),
     ("a" * 30 + "/kernel", 20, "aaaaaaaa...aa/kernel"),
 ])
 def test_shorten_keeps_both_ends(text, width, expected):
