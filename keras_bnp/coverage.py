@@ -480,13 +480,15 @@ def main(argv=None):
               flush=True)
         summary.append((name, result))
     print(f"{'model':<20}{'trainable':>13}{'preconditioned':>16}"
-          f"{'kernel params':>15}{'kernels':>10}")
+          f"{'kernel params':>15}{'kernels':>10}  largest left out")
     for name, result in summary:
         kernels = result.kernels
+        left_out = result.uncovered_kernels()
         print(f"{name:<20}{result.parameters.total:>13,}"
               f"{_percent(result.parameters):>16}"
               f"{_percent(result.kernel_parameters):>15}"
-              f"{f'{kernels.covered}/{kernels.total}':>10}")
+              f"{f'{kernels.covered}/{kernels.total}':>10}  "
+              f"{left_out[0][0] if left_out else '-'}")
 
 
 def _percent(share):
