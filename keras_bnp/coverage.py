@@ -127,9 +127,12 @@ class Coverage:
         """One line: the preconditioned shares."""
         if not self.rows:
             return f"BNP preconditions nothing. {_NO_VARIABLES}"
+        kernels = (f"kernels: {self.kernels.covered} of "
+                   f"{self.kernels.total} variables, "
+                   f"{self.kernel_parameters} parameters" if self.kernels.total
+                   else "no trainable kernels")
         return (f"BNP preconditions {self.parameters} trainable parameters; "
-                f"kernels: {self.kernels.covered} of {self.kernels.total} "
-                f"variables, {self.kernel_parameters} parameters.")
+                f"{kernels}.")
 
     def warning(self):
         """The warning text when more than `WARNING_SHARE` of the trainable
@@ -145,9 +148,9 @@ class Coverage:
             f"BNP preconditions only {share} of this model's trainable "
             f"kernel parameters (it warns above {WARNING_SHARE:.0%} left "
             f"out). The largest left to the inner optimizer alone: "
-            f"{largest}. There BNP adds cost without effect: use layer "
-            "kinds BNP supports (README, 'Supported layers'), or train "
-            "with the inner optimizer alone. "
+            f"{largest}. BNP changes nothing there; to precondition them, "
+            "use layer kinds BNP supports (README, 'Supported layers'), "
+            "and compare with the inner optimizer alone. "
             "`keras_bnp.coverage.report(model)` lists every variable."
         )
 
@@ -241,7 +244,7 @@ def coverage(model):
         elif block is not None:
             rule = _block_rule(block, variable)
         else:
-            rule = "inner optimizer only: " + _reason(layer, rules)
+            rule = "inner optimizer only: " + _reason(layer)
         rows.append(Row(
             path="/".join(filter(None, [path, variable.name])),
             layer_class=type(layer).__name__ if layer else "?",
@@ -290,10 +293,14 @@ def _layer_paths(saved_paths, layers):
     paths = {}
     for key, path in saved_paths.items():
         parts = path.split("/")
-        paths[key] = "/".join(
-            at["/".join(parts[:i + 1])].name if i and parts[i - 1] == (
-                "layers") else part
-            for i, part in enumerate(parts) if part != "layers")
+        named = []
+        for i, part in enumerate(parts):
+            if part == "layers":
+                continue
+            layer = at.get("/".join(parts[:i + 1]))
+            named.append(layer.name if i and parts[i - 1] == "layers"
+                         and layer is not None else part)
+        paths[key] = "/".join(named)
     return paths
 
 
@@ -324,8 +331,10 @@ def _matching_rules(layer):
             if isinstance(layer, rule.layer_types)]
 
 
-def _reason(layer, rules):
+def _reason(layer):
     """Why a trainable variable of `layer` is in none of its blocks."""
+    from keras_bnp import rules
+
     if layer is None:
         return "owned by no layer"
     if getattr(layer, "lora_enabled", False):
@@ -338,7 +347,7 @@ def _reason(layer, rules):
         if getattr(layer, "quantization_mode", None):
             return "kernel quantized"
         if rules.blocks(layer):
-            return "bias outside the rule (no-bias rule)"
+            return "outside the rule's blocks"
         return "kernel frozen"
     if any(_kind(v.name) == "kernel" for v in layer._trainable_variables):
         return "kind not supported"

@@ -137,10 +137,10 @@ def test_first_fit_prints_the_share_and_warns_once(capsys):
         "BNP preconditions only 400 of 2,000 (20.0%) of this model's "
         "trainable kernel parameters (it warns above 10% left out). The "
         "largest left to the inner optimizer alone: Scale 1,600 (kind not "
-        "supported). There BNP adds cost without effect: use layer kinds "
-        "BNP supports (README, 'Supported layers'), or train with the "
-        "inner optimizer alone. `keras_bnp.coverage.report(model)` lists "
-        "every variable.")
+        "supported). BNP changes nothing there; to precondition them, use "
+        "layer kinds BNP supports (README, 'Supported layers'), and compare "
+        "with the inner optimizer alone. `keras_bnp.coverage.report(model)` "
+        "lists every variable.")
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == (
         "BNP preconditions 410 of 2,010 (20.4%) trainable parameters; "
