@@ -181,6 +181,10 @@ def test_coverage_of_something_else_names_the_fix():
     with pytest.raises(ValueError, match=r"expects a Keras model .* "
                                          r"Received: str 'model'"):
         keras_bnp.coverage.coverage("model")
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    assert coverage.coverage(unbuilt).table() == (
+        "The model has no variables yet: build it first (give it an "
+        "`Input`, call it on data, or call `model.build(shape)`).")
 
 
 def test_command_prints_a_small_model():
