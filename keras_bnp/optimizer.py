@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bnp import coverage
 from keras_bnp import preconditioner
 from keras_bnp import registry
 from keras_bnp import rules
@@ -622,30 +623,23 @@ class BNP(keras.optimizers.Optimizer):
         return rows
 
     def summary(self, print_fn=print):
-        """Prints the tracked layers and how each is preconditioned."""
+        """Prints BNP's settings and, for the tracked model, every trainable
+        variable with what BNP does with it, and the shares preconditioned
+        (`keras_bnp.coverage`)."""
         lines = [
             f"BNP '{self.name}': epsilon={self.epsilon:g} "
             f"({'relative' if self.relative_epsilon else 'absolute'}), "
             f"statistics_momentum={self.statistics_momentum:g}, inner "
             f"optimizer {type(self.inner_optimizer).__name__}",
-            f"{'layer':<24}{'class':<10}{'in_ch':>6}{'groups':>7}  rule",
         ]
-        for slot in sorted(self._slots.values(), key=lambda s: s.rank):
-            rule = ("centre + scale kernel and bias" if slot.bias_key
-                    is not None else "scale kernel (no bias)")
-            channels = int(slot.moving_mean.shape[0])
-            lines.append(f"{slot.label:<24}{slot.layer_class:<10}"
-                         f"{channels:>6}{slot.groups:>7}  {rule}")
-        if self.built:
-            preconditioned = {k for s in self._slots.values()
-                              for k in (s.kernel_key, s.bias_key)}
-            others = [v for v in self._trainable_variables
-                      if _key(v) not in preconditioned]
-            lines.append(f"{len(others)} other trainable variables: inner "
-                         "optimizer only.")
-        if not self._slots:
-            lines.append("No layers tracked yet: compile a BNPMixin model "
-                         "with this optimizer and build or train it.")
+        model = self._model and self._model()
+        if model is None:
+            lines.append("No model tracked yet: compile a BNPMixin model "
+                         "with this optimizer and build or train it. "
+                         "`keras_bnp.coverage.report(model)` shows what BNP "
+                         "would precondition in any built model.")
+        else:
+            lines.append(coverage.coverage(model).table())
         print_fn("\n".join(lines))
 
     @property
