@@ -233,3 +233,22 @@ def test_attention_projections_statistics_in_fit(jit_compile):
             stats.update([_reference.einsum_features(
                 inputs[name], layer.equation)], -1)
         assert_statistics_match(model.optimizer, layer, stats)
+
+
+def test_initial_scaling_scales_each_attention_layers_projections():
+    # Two MultiHeadAttention layers: projections of the same names.
+    inputs = keras.Input((5, 8))
+    first = keras.layers.MultiHeadAttention(2, 4)
+    second = keras.layers.MultiHeadAttention(2, 4)
+    hidden = first(inputs, inputs)
+    model = keras_bnp.BNPModel(inputs, second(hidden, hidden))
+    projections = [layer for attention in (first, second) for layer in (
+        attention._query_dense, attention._key_dense,
+        attention._value_dense, attention._output_dense)]
+    before = [layer.kernel.numpy() for layer in projections]
+    x = realistic_inputs(np.random.default_rng(0), (16, 5, 8))
+    scales = keras_bnp.scale_to_unit_variance(model, x)
+    assert sorted(scales) == sorted(layer.path for layer in projections)
+    for layer, kernel in zip(projections, before):
+        assert scales[layer.path] != 1.0
+        assert_allclose(layer.kernel, scales[layer.path] * kernel, rtol=1e-6)
