@@ -2,7 +2,6 @@
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import warnings
@@ -472,8 +471,10 @@ class BNP(keras.optimizers.Optimizer):
                 slot.moving_variance), float("nan")))
         # The input sums run as TensorFlow ops (on CPU, their multi-threaded
         # reductions beat XLA's) and are all-reduced across replicas.
-        sums = _all_replica_sums(_blocks_input_sums(features, shifts,
-                                                    variances))
+        sums = _all_replica_sums([
+            _input_sums(calls, shift, variance)
+            for calls, shift, variance in zip(features, shifts, variances)
+        ])
         # The inner optimizer's update joins the compiled update below,
         # except under a tf.distribute strategy, whose cross-replica merge
         # cannot run inside it.
@@ -847,24 +848,6 @@ def _input_sums(calls, shift, variance):
         for x, axis in calls
     ]
     return [tf.add_n(list(parts)) for parts in zip(*per_call)]
-
-
-def _blocks_input_sums(features, shifts, variances):
-    """`_input_sums` of each block; a block with the same feature tensors
-    as an earlier one (layers called on one input) re-centres its sums
-    (`statistics.recentred_sums`) instead of reducing the input again."""
-    sums, first = [], {}
-    for calls, shift, variance in zip(features, shifts, variances):
-        key = tuple((id(x), axis) for x, axis in calls)
-        own = functools.partial(_input_sums, calls, shift, variance)
-        if key in first:
-            index = first[key]
-            sums.append(statistics.recentred_sums(
-                sums[index], shifts[index], shift, variance, own))
-        else:
-            first[key] = len(sums)
-            sums.append(own())
-    return sums
 
 
 def _layer_update(

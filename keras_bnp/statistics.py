@@ -92,29 +92,6 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
     return (count, *tf.cond(raw, raw_sums, centred_sums))
 
 
-def recentred_sums(sums, shift, new_shift, variance, recompute):
-    """`input_sums`' `sums`, taken of `x - shift`, as those of
-    `x - new_shift` (for layers that share an input, such as the query, key
-    and value projections of self-attention): exact algebra, used when
-    `(shift - new_shift)^2 <= RAW_SUMS_MAX_RATIO * variance` in every
-    channel (always when the two shifts are equal, as for layers that have
-    seen the same inputs since their first step), with the rounding bound
-    of `input_sums`' derived sums; otherwise `recompute()`'s sums. A NaN
-    `variance` (no estimate yet) always recomputes."""
-    count, total, square_total = sums
-    delta = shift - new_shift
-
-    def derived():
-        return (total + count * delta,
-                square_total + delta * (2.0 * total + count * delta))
-
-    def own():
-        return tuple(recompute()[1:])
-
-    close = tf.reduce_all(tf.square(delta) <= RAW_SUMS_MAX_RATIO * variance)
-    return (count, *tf.cond(close, derived, own))
-
-
 def shift_sums(inputs, channel_axis, mask=None):
     """Per-channel `(total, count)` of some of the batch's own values: the
     shift `total / count` of a layer's first statistics update, which has

@@ -253,31 +253,3 @@ def test_initial_scaling_scales_each_attention_layers_projections():
         assert scales[layer.path] != 1.0
         assert_allclose(layer.kernel, scales[layer.path] * kernel, rtol=1e-6)
 
-
-@pytest.mark.parametrize("delta", [0.0, 0.5, 50.0])
-def test_recentred_sums_equal_the_sums_at_the_new_shift(delta):
-    # Self-attention's query, key and value projections share their input;
-    # the later ones re-centre the first one's sums (delta 0 in practice),
-    # or recompute them when the shifts are far apart (delta 50).
-    from keras_bnp import statistics
-
-    rng = np.random.default_rng(0)
-    x = realistic_inputs(rng, (3, 5, 4))
-    shift = x.reshape(-1, 4).mean(0) + rng.normal(size=4).astype("float32")
-    new_shift = (shift + delta).astype("float32")
-    variance = x.reshape(-1, 4).var(0).astype("float32")
-    first = statistics.input_sums(tf.constant(x), -1, shift)
-    recomputed = []
-
-    def recompute():
-        recomputed.append(True)
-        return statistics.input_sums(tf.constant(x), -1, new_shift)
-
-    count, total, square_total = statistics.recentred_sums(
-        first, shift, new_shift, variance, recompute)
-    centred = x.reshape(-1, 4).astype("float64") - new_shift
-    assert float(count) == 15
-    assert_allclose(total, centred.sum(0), rtol=1e-5,
-                    atol=1e-6 * np.abs(centred).sum(0).max())
-    assert_allclose(square_total, (centred**2).sum(0), rtol=1e-5)
-    assert bool(recomputed) == (delta == 50.0)
