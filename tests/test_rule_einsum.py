@@ -253,3 +253,34 @@ def test_initial_scaling_scales_each_attention_layers_projections():
         assert scales[layer.path] != 1.0
         assert_allclose(layer.kernel, scales[layer.path] * kernel, rtol=1e-6)
 
+
+
+def test_attention_statistics_survive_saving(tmp_path):
+    # Two attention layers: their projections' names repeat ("query", ...);
+    # the saved statistics are keyed by the layers' paths in the file.
+    inputs = keras.Input((5, 8))
+    first = keras.layers.MultiHeadAttention(2, 4)
+    second = keras.layers.MultiHeadAttention(2, 4)
+    hidden = first(inputs, inputs)
+    outputs = keras.layers.Dense(3)(
+        keras.layers.GlobalAveragePooling1D()(second(hidden, hidden)))
+    model = keras_bnp.BNPModel(inputs, outputs)
+    model.compile(optimizer=keras_bnp.BNP(),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    rng = np.random.default_rng(0)
+    x = realistic_inputs(rng, (16, 5, 8))
+    y = rng.integers(0, 3, 16)
+    model.fit(x, y, batch_size=4, verbose=0)
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    for attention in (first, second):
+        twin = restored.get_layer(attention.name)
+        for name in ("query", "key", "value", "output"):
+            want = model.optimizer.layer_statistics(
+                getattr(attention, f"_{name}_dense"))
+            got = restored.optimizer.layer_statistics(
+                getattr(twin, f"_{name}_dense"))
+            for a, b in zip(got, want):
+                assert_allclose(a, b, atol=0, rtol=0)
+    restored.fit(x, y, batch_size=4, verbose=0)  # resumes
