@@ -205,6 +205,18 @@ class EinsumDenseRule(Rule):
 
     layer_types = (keras.layers.EinsumDense,)
 
+    def record(self, layer, call, args, kwargs, records):
+        """Records the input, with the Keras mask that a calling
+        `MultiHeadAttention` removed from it (see
+        `MultiHeadAttentionRule`)."""
+        mask = _PROJECTION_MASKS.get(id(layer))
+        if mask is None:
+            return super().record(layer, call, args, kwargs, records)
+        inputs = tf.identity(args[0] if args else kwargs["inputs"])
+        inputs._keras_mask = mask
+        records.append(inputs)
+        return call(*args, **kwargs)
+
     def blocks(self, layer):
         weights = _trainable(layer)
         kernel, bias = weights["kernel"], weights.get("bias")
@@ -250,6 +262,50 @@ class EinsumDenseRule(Rule):
         )]
 
 
+class MultiHeadAttentionRule(Rule):
+    """`MultiHeadAttention` has no block of its own: its projections are
+    `EinsumDense` layers with theirs. It removes the Keras masks of its
+    query, value and key before it calls them; its `record` hands those
+    masks on to their records (the query's to the output projection too),
+    so that their statistics leave out the masked positions as a
+    projection outside attention would."""
+
+    layer_types = (keras.layers.MultiHeadAttention,)
+    scaled = False
+    kernel_names = ()
+
+    def blocks(self, layer):
+        return []
+
+    def record(self, layer, call, args, kwargs, records):
+        given = dict(zip(("query", "value", "key"), args), **kwargs)
+        if given.get("key") is None:
+            given["key"] = given.get("value")
+
+        def mask(name):
+            found = given.get(f"{name}_mask")
+            return getattr(given.get(name), "_keras_mask", None) if (
+                found is None) else found
+
+        # The key's own mask counts only for a key other than the value.
+        key = "value" if given["key"] is given.get("value") else "key"
+        masks = {id(getattr(layer, f"_{projection}_dense", None)): mask(name)
+                 for projection, name in (("query", "query"),
+                                          ("value", "value"), ("key", key),
+                                          ("output", "query"))}
+        records.append(given.get("query"))
+        _PROJECTION_MASKS.update(masks)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            for projection in masks:
+                _PROJECTION_MASKS.pop(projection, None)
+
+
+# `{id(projection): mask}` while a `MultiHeadAttention` call is recorded.
+_PROJECTION_MASKS = {}
+
+
 def _permutation(order):
     """`order` as a transposition, `None` for the identity."""
     return None if order == sorted(order) else tuple(order)
@@ -267,7 +323,8 @@ def _bias_permutation(bias_axes, output_axes, units, rank):
     return tuple([a for a in range(rank) if a not in positions] + positions)
 
 
-RULES = (DenseRule(), ConvRule(), EinsumDenseRule())
+RULES = (DenseRule(), ConvRule(), EinsumDenseRule(),
+         MultiHeadAttentionRule())
 
 
 def rule_for(layer):

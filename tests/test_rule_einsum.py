@@ -140,23 +140,38 @@ def test_masked_positions_are_left_out():
     assert_allclose(variance, want.var(0), atol=1e-6, rtol=1e-5)
 
 
-def test_attention_projections_count_padded_positions():
-    # MultiHeadAttention removes its inputs' masks before its projections
-    # (it masks the attention scores instead), so they see every position.
-    tokens = np.array([[3, 5, 0, 0], [7, 0, 0, 0], [2, 4, 6, 1]])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_attention_projections_leave_masked_positions_out(jit_compile):
+    # MultiHeadAttention removes its inputs' masks before its projections;
+    # BNP hands them on: the query's to the query and output projections,
+    # the value's to the value and key projections.
+    tokens = np.array([[3, 5, 0, 0], [7, 0, 0, 0], [2, 4, 6, 1],
+                       [6, 6, 2, 0]])
     embedding = keras.layers.Embedding(8, 6, mask_zero=True)
     attention = keras.layers.MultiHeadAttention(2, 3)
     inputs = keras.Input((4,), dtype="int32")
     embedded = embedding(inputs)
-    model = keras.Model(inputs, attention(embedded, embedded))
-    optimizer = keras_bnp.BNP(statistics_momentum=0.0)
-    want = embedding.embeddings.numpy()[tokens].reshape(-1, 6)
-    _step(model, optimizer, tokens, np.ones((3, 4, 6), "float32"))
-    for layer in (attention._query_dense, attention._key_dense,
-                  attention._value_dense):
-        mean, variance = optimizer.layer_statistics(layer)
-        assert_allclose(mean, want.mean(0), atol=1e-6)
-        assert_allclose(variance, want.var(0), atol=1e-6, rtol=1e-5)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(
+        attention(embedded, embedded)))
+    model = keras_bnp.BNPModel(inputs, outputs)
+    model.compile(optimizer=keras_bnp.BNP(0.0, statistics_momentum=0.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True), jit_compile=jit_compile)
+    seen = []
+    callback = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda step, logs: seen.append(
+            _projection_inputs(attention, embedding.embeddings.numpy()[
+                tokens], tokens != 0)))
+    model.fit(tokens, np.arange(4) % 2, batch_size=4, callbacks=[callback],
+              verbose=0)
+    keep = tokens != 0
+    for name in ("query", "key", "value", "output"):
+        layer = getattr(attention, f"_{name}_dense")
+        want = _reference.einsum_features(seen[0][name], layer.equation)[
+            keep.reshape(-1)]
+        mean, variance = model.optimizer.layer_statistics(layer)
+        assert_allclose(mean, want.mean(0), atol=1e-5, rtol=1e-5)
+        assert_allclose(variance, want.var(0), atol=1e-5, rtol=1e-4)
 
 
 def test_masked_merged_features_keep_the_mask():
@@ -190,9 +205,10 @@ def _transformer(length, dim, heads, classes):
     return keras_bnp.BNPModel(inputs, outputs), attention
 
 
-def _projection_inputs(attention, x):
+def _projection_inputs(attention, x, mask=None):
     """In float64 NumPy, from the layer's weights: the inputs of the query,
-    key, value and output projections of self-attention on `x`."""
+    key, value and output projections of self-attention on `x`, whose
+    positions `mask` (batch, time) leaves out of the keys."""
     w = {name: getattr(attention, f"_{name}_dense").kernel.numpy()
          for name in ("query", "key", "value")}
     b = {name: getattr(attention, f"_{name}_dense").bias.numpy()
@@ -201,6 +217,8 @@ def _projection_inputs(attention, x):
     q, k, v = (np.einsum("btf,fhd->bthd", x, w[n]) + b[n]
                for n in ("query", "key", "value"))
     scores = np.einsum("bshd,bthd->bhts", k, q) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = np.where(mask[:, None, None, :], scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     heads = np.einsum("bhts,bshd->bthd", weights, v)
