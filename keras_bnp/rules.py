@@ -121,6 +121,11 @@ class Rule:
         """The `Block`s of a built layer with a trainable kernel."""
         raise NotImplementedError
 
+    def left_out(self, layer):
+        """Why this rule gives a built layer of its kind no block although
+        its kernel is trainable, or `None`."""
+        return None
+
     def record(self, layer, call, args, kwargs, records):
         """Calls the layer, appending to `records` what its blocks'
         `features` need of this call: the first positional input."""
@@ -217,26 +222,32 @@ class EinsumDenseRule(Rule):
         records.append(inputs)
         return call(*args, **kwargs)
 
+    def left_out(self, layer):
+        inputs, kernel_axes, output = re.split(",|->", layer.equation)
+        shared = [a for a in kernel_axes if a in inputs and a in output]
+        if shared:
+            return (f"kernel axes {shared} of equation '{layer.equation}' "
+                    "are also input and output axes (a kernel per "
+                    "position)")
+        return None
+
     def blocks(self, layer):
+        reason = self.left_out(layer)
+        if reason is not None:
+            warnings.warn(
+                f"BNP leaves EinsumDense layer '{layer.name}' "
+                f"unpreconditioned (the inner optimizer trains it as is): "
+                f"its {reason}, which the EinsumDense rule does not cover. "
+                "The rule expects each kernel axis either contracted with "
+                "the input or in the output only.",
+                stacklevel=2,
+            )
+            return []
         weights = _trainable(layer)
         kernel, bias = weights["kernel"], weights.get("bias")
         inputs, kernel_axes, output = re.split(",|->", layer.equation)
         input_axes, output_axes = (inputs.replace("...", ""),
                                    output.replace("...", ""))
-        shared = [a for a in kernel_axes
-                  if a in input_axes and a in output_axes]
-        if shared:
-            warnings.warn(
-                f"EinsumDense layer '{layer.name}' (equation "
-                f"'{layer.equation}') has kernel axes {shared} that are also "
-                "axes of its input and output: a separate kernel per "
-                "position along them, which BNP's rule does not cover. BNP "
-                "leaves this layer's gradients unpreconditioned (the inner "
-                "optimizer trains it as is). Expected: each kernel axis "
-                "either contracted with the input or in the output only.",
-                stacklevel=2,
-            )
-            return []
         contracted = [a for a in kernel_axes if a in input_axes]
         units = [a for a in kernel_axes if a not in input_axes]
         offset = (layer.input_spec.ndim - len(input_axes)

@@ -2,6 +2,8 @@
 (`_reference.einsum_features`, `_reference.einsum_precondition`, written
 from the einsum definitions)."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from helpers import assert_statistics_match
 
 import keras_bnp
 from keras_bnp import _reference
+from keras_bnp import coverage
 from keras_bnp import rules
 
 # name: (equation, input shape without batch, output_shape, bias_axes)
@@ -115,12 +118,18 @@ def test_per_position_kernel_is_left_to_the_inner_optimizer():
     weights = [w.numpy() for w in layer.trainable_weights]
     rng = np.random.default_rng(0)
     x = realistic_inputs(rng, (2, 4, 5))
+    reason = ("kernel axes ['b'] of equation 'abc,bcd->abd' are also input "
+              "and output axes (a kernel per position)")
     with pytest.warns(UserWarning, match=(
-            r"EinsumDense layer 'einsum_dense\w*' \(equation 'abc,bcd->abd'"
-            r"\) has kernel axes \['b'\] .* unpreconditioned")):
+            r"BNP leaves EinsumDense layer 'einsum_dense\w*' "
+            r"unpreconditioned .*: its " + re.escape(reason))):
         grads = _step(model, optimizer, x, np.ones((2, 4, 3), "float32"))
     for weight, grad, new in zip(weights, grads, layer.trainable_weights):
         assert_allclose(new, weight - 0.1 * grad)
+    with pytest.warns(UserWarning, match="BNP leaves EinsumDense"):
+        rows = coverage.coverage(model).rows
+    assert [row.rule for row in rows] == [
+        "inner optimizer only: " + reason] * 2
 
 
 # Keras warns that EinsumDense does not pass the mask on; it still gets it.
