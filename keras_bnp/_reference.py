@@ -174,3 +174,68 @@ def depthwise_precondition(grad_kernel, grad_bias, mean, variance, epsilon):
         if grad_bias is not None:
             out_bias[units] = bias
     return out_kernel, out_bias
+
+
+def _einsum_parts(equation):
+    """`(input, kernel, output)` subscripts of an `EinsumDense` equation
+    (the input and output may hold `...`), the kernel's contracted axes and
+    its output ("unit") axes, each in the kernel's order."""
+    left, output = equation.split("->")
+    inputs, kernel = left.split(",")
+    contracted = "".join(a for a in kernel if a in inputs)
+    units = "".join(a for a in kernel if a not in inputs)
+    return inputs, kernel, output, contracted, units
+
+
+def einsum_features(inputs, equation):
+    """An `EinsumDense` input as a `(positions, features)` matrix: one row
+    per index of the input axes that reach the output (`...` included),
+    one column per index of the contracted axes in the kernel's order.
+    Input axes in neither the kernel nor the output are summed, as the
+    einsum sums them."""
+    spec, _, output, contracted, _ = _einsum_parts(equation)
+    kept = "".join(a for a in spec.replace("...", "") if a in output)
+    ellipsis = "..." if "..." in spec else ""
+    matrix = np.einsum(f"{spec}->{ellipsis}{kept}{contracted}",
+                       np.asarray(inputs, np.float64))
+    features = int(np.prod(matrix.shape[matrix.ndim - len(contracted):]))
+    return matrix.reshape(-1, features)
+
+
+def einsum_precondition(grad_kernel, grad_bias, equation, bias_axes, mean,
+                        variance, epsilon):
+    """BNP-preconditioned gradients of an `EinsumDense` kernel and bias.
+
+    The kernel gradient as a matrix (rows: the contracted axes' indices in
+    the kernel's order; columns: the output axes' indices, units) goes
+    through `precondition`, with the bias gradient laid out as those units
+    when `bias_axes` are exactly the kernel's output axes; another bias is
+    returned as it is (the rule without bias). A kernel axis that is also
+    an input and output axis leaves both gradients as they are.
+    """
+    spec, kernel, output, contracted, units = _einsum_parts(equation)
+    if any(a in spec and a in output for a in kernel):
+        return grad_kernel, grad_bias
+    grad_kernel = np.asarray(grad_kernel, np.float64)
+    size = dict(zip(kernel, grad_kernel.shape))
+    shape = [size[a] for a in contracted + units]
+    matrix = np.einsum(f"{kernel}->{contracted}{units}", grad_kernel)
+    matrix = matrix.reshape(int(np.prod(shape[:len(contracted)])), -1)
+    exact = grad_bias is not None and set(bias_axes) == set(units)
+    if exact:
+        # The bias' axes: the output's from the first bias axis on (size 1
+        # where not a bias axis), then size-1 axes of a right `...`.
+        letters = output.replace("...", "")
+        letters = letters[min(letters.index(a) for a in bias_axes):]
+        bias = np.asarray(grad_bias, np.float64).reshape(
+            [size.get(a, 1) for a in letters])
+        bias = np.einsum(f"{letters}->{units}", bias).reshape(-1)
+    matrix, bias = precondition(matrix, bias if exact else None, mean,
+                                variance, epsilon)
+    new_kernel = np.einsum(f"{contracted}{units}->{kernel}",
+                           matrix.reshape(shape))
+    if not exact:
+        return new_kernel, grad_bias
+    bias = np.einsum(f"{units}->{''.join(a for a in letters if a in units)}",
+                     bias.reshape([size[a] for a in units]))
+    return new_kernel, bias.reshape(np.shape(grad_bias))

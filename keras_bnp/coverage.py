@@ -348,7 +348,7 @@ def _reason(layer):
             return "kernel quantized"
         if rules.blocks(layer):
             return "outside the rule's blocks"
-        return "kernel frozen"
+        return matching[0].left_out(layer) or "kernel frozen"
     if any(_kind(v.name) == "kernel" for v in layer._trainable_variables):
         return "kind not supported"
     if any(_kind(v.name) == "embeddings"

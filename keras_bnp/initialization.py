@@ -10,6 +10,8 @@ orthogonal start) fixes it and changes only weights, so the model keeps its
 architecture and its inference cost.
 """
 
+import collections
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -36,7 +38,10 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
         target_variance: Float > 0. Defaults to `1.0`.
 
     Returns:
-        A dict `{layer name: scale}` of the factors applied, in call order.
+        A dict `{layer name: scale}` of the factors applied, in call order;
+        layers of the same name (such as the projections of several
+        `MultiHeadAttention` layers) are named by their `path`, e.g.
+        `"multi_head_attention/query"`.
     """
     target_variance = float(target_variance)
     if not target_variance > 0:
@@ -49,11 +54,12 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
             "scale_to_unit_variance runs eagerly; call it outside "
             "tf.function."
         )
-    scales = {}
+    scales, done = {}, set()
 
     def on_output(layer, outputs):
-        if layer.name in scales:
+        if id(layer) in done:
             return outputs  # a shared layer: scaled at its first call
+        done.add(id(layer))
         variables = rules.rule_for(layer).scaled_variables(layer)
         variance = float(tf.math.reduce_variance(
             tf.cast(outputs, tf.float32)))
@@ -62,7 +68,7 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
             scale = float(np.sqrt(target_variance / variance))
             for variable in variables:
                 variable.assign(variable * scale)
-        scales[layer.name] = scale
+        scales[layer.name if names[layer.name] == 1 else layer.path] = scale
         return outputs * tf.cast(scale, outputs.dtype)
 
     if not model.built:
@@ -71,6 +77,8 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
         model(inputs, training=False)
     scaled = [layer for layer in registry.supported_layers(model)
               if rules.rule_for(layer).scaled and rules.blocks(layer)]
+    # MultiHeadAttention layers' projections share names ("query", ...).
+    names = collections.Counter(layer.name for layer in scaled)
     with registry.intercept_outputs(scaled, on_output):
         model(inputs, training=False)
     return scales

@@ -445,11 +445,11 @@ class BNP(keras.optimizers.Optimizer):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         grads = list(grads)
-        layers = self._called(step_inputs)
-        if not layers:
+        blocks = [block for layer in self._called(step_inputs)
+                  for block in rules.blocks(layer)]
+        if not blocks:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
-        blocks = [block for layer in layers for block in rules.blocks(layer)]
         slots = [self._slots[_key(block.kernel)] for block in blocks]
         position = {_key(v): i for i, v in enumerate(trainable_variables)}
         indices = [[position.get(_key(v)) for v in block.variables]

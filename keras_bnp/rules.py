@@ -14,6 +14,9 @@ reference test. The derivations are in `docs/layer_rules.md`.
 """
 
 import dataclasses
+import math
+import re
+import warnings
 
 import keras
 import numpy as np
@@ -29,7 +32,8 @@ class Block:
 
     `permutation` orders the kernel's axes as `(*spatial, fan-in, units)`
     and `canonical_shape` reshapes them to `(*spatial, features // groups,
-    units)`; the bias reshapes to `(units,)`. `features(record)` gives,
+    units)`; the bias, its axes ordered by `bias_permutation`, reshapes to
+    `(units,)`. `features(record)` gives,
     from what `Rule.record` kept of one call, the tensor and its channel
     axis whose statistics the block keeps.
     """
@@ -43,6 +47,7 @@ class Block:
     channel_axis: int = -1
     permutation: tuple | None = None
     canonical_shape: tuple | None = None
+    bias_permutation: tuple | None = None
 
     @property
     def variables(self):
@@ -65,27 +70,37 @@ class Block:
     def gather(self, grads):
         """`(grad_kernel, grad_bias)` in the canonical layout, from the
         gradients of `variables` (`grad_bias` is `None` without bias)."""
-        grad_kernel = grads[0]
-        if self.permutation is not None:
-            grad_kernel = tf.transpose(grad_kernel, self.permutation)
+        grad_kernel = _to_canonical(grads[0], self.permutation)
         if self.canonical_shape is not None:
             grad_kernel = tf.reshape(grad_kernel, self.canonical_shape)
         grad_bias = None
         if self.bias is not None and grads[1] is not None:
-            grad_bias = tf.reshape(grads[1], (-1,))
+            grad_bias = tf.reshape(
+                _to_canonical(grads[1], self.bias_permutation), (-1,))
         return grad_kernel, grad_bias
 
     def scatter(self, grad_kernel, grad_bias):
         """The gradients of `variables` from the canonical ones."""
-        if self.permutation is not None:
-            shape = [self.kernel.shape[axis] for axis in self.permutation]
-            grad_kernel = tf.transpose(tf.reshape(grad_kernel, shape),
-                                       np.argsort(self.permutation))
-        grad_kernel = tf.reshape(grad_kernel, self.kernel.shape)
+        grad_kernel = _from_canonical(grad_kernel, self.permutation,
+                                      self.kernel.shape)
         if self.bias is None:
             return [grad_kernel]
-        return [grad_kernel, None if grad_bias is None else tf.reshape(
-            grad_bias, self.bias.shape)]
+        return [grad_kernel, None if grad_bias is None else _from_canonical(
+            grad_bias, self.bias_permutation, self.bias.shape)]
+
+
+def _to_canonical(grad, permutation):
+    """`grad` with its axes in the canonical order (`None`: as they are)."""
+    return grad if permutation is None else tf.transpose(grad, permutation)
+
+
+def _from_canonical(grad, permutation, shape):
+    """A canonical gradient back in the layout of a variable of `shape`."""
+    if permutation is not None:
+        grad = tf.transpose(
+            tf.reshape(grad, [shape[axis] for axis in permutation]),
+            np.argsort(permutation))
+    return tf.reshape(grad, shape)
 
 
 class Rule:
@@ -106,6 +121,11 @@ class Rule:
     def blocks(self, layer):
         """The `Block`s of a built layer with a trainable kernel."""
         raise NotImplementedError
+
+    def left_out(self, layer):
+        """Why this rule gives a built layer of its kind no block although
+        its kernel is trainable, or `None`."""
+        return None
 
     def record(self, layer, call, args, kwargs, records):
         """Calls the layer, appending to `records` what its blocks'
@@ -231,7 +251,175 @@ class SeparableRule(Rule):
                 if name in weights]
 
 
-RULES = (DenseRule(), ConvRule(), DepthwiseRule(), SeparableRule())
+@dataclasses.dataclass(frozen=True, eq=False)
+class EinsumBlock(Block):
+    """An `EinsumDense` kernel: its features are the input's axes that the
+    kernel contracts, flattened in the kernel's order into one channel
+    axis. `summed` are the input's axes in neither the kernel nor the
+    output (the layer sums them first); `contracted` the positions of the
+    contracted axes, in the kernel's order, once those are summed."""
+
+    summed: tuple = ()
+    contracted: tuple = ()
+
+    def features(self, record):
+        inputs, mask = record, getattr(record, "_keras_mask", None)
+        if self.summed:
+            # The layer sums them, masked positions included.
+            inputs, mask = tf.reduce_sum(inputs, self.summed), None
+        axes, rank = list(self.contracted), inputs.shape.rank
+        if not axes:  # an outer product: one feature, the input itself
+            inputs, axes = tf.expand_dims(inputs, -1), [rank]
+        elif axes != list(range(axes[0], axes[0] + len(axes))):
+            inputs = tf.transpose(
+                inputs, [a for a in range(rank) if a not in axes] + axes)
+            axes = list(range(rank - len(axes), rank))
+        if len(axes) > 1:
+            dims = [tf.shape(inputs)[axis] if size is None else size
+                    for axis, size in enumerate(inputs.shape)]
+            inputs = tf.reshape(inputs, dims[:axes[0]] + [
+                self.features_count] + dims[axes[-1] + 1:])
+        if inputs is not record and mask is not None:
+            # The mask still covers the non-feature axes, in their order.
+            inputs._keras_mask = mask
+        return inputs, axes[0]
+
+
+class EinsumDenseRule(Rule):
+    """`EinsumDense` (so also `MultiHeadAttention`'s projections), for an
+    equation whose kernel axes are each contracted with the input or in the
+    output only: features are the contracted axes, statistics pool over
+    every other input axis, units are the kernel's output axes. The bias
+    takes the centring when it spans exactly the kernel's output axes."""
+
+    layer_types = (keras.layers.EinsumDense,)
+
+    def record(self, layer, call, args, kwargs, records):
+        """Records the input, with the Keras mask that a calling
+        `MultiHeadAttention` removed from it (see
+        `MultiHeadAttentionRule`)."""
+        mask = _PROJECTION_MASKS.get(id(layer))
+        if mask is None:
+            return super().record(layer, call, args, kwargs, records)
+        inputs = tf.identity(args[0] if args else kwargs["inputs"])
+        inputs._keras_mask = mask
+        records.append(inputs)
+        return call(*args, **kwargs)
+
+    def left_out(self, layer):
+        inputs, kernel_axes, output = re.split(",|->", layer.equation)
+        shared = [a for a in kernel_axes if a in inputs and a in output]
+        if shared:
+            return (f"kernel axes {shared} of equation '{layer.equation}' "
+                    "are also input and output axes (a kernel per "
+                    "position)")
+        return None
+
+    def blocks(self, layer):
+        reason = self.left_out(layer)
+        if reason is not None:
+            warnings.warn(
+                f"BNP leaves EinsumDense layer '{layer.name}' "
+                f"unpreconditioned (the inner optimizer trains it as is): "
+                f"its {reason}, which the EinsumDense rule does not cover. "
+                "The rule expects each kernel axis either contracted with "
+                "the input or in the output only.",
+                stacklevel=2,
+            )
+            return []
+        weights = _trainable(layer)
+        kernel, bias = weights["kernel"], weights.get("bias")
+        inputs, kernel_axes, output = re.split(",|->", layer.equation)
+        input_axes, output_axes = (inputs.replace("...", ""),
+                                   output.replace("...", ""))
+        contracted = [a for a in kernel_axes if a in input_axes]
+        units = [a for a in kernel_axes if a not in input_axes]
+        offset = (layer.input_spec.ndim - len(input_axes)
+                  if inputs.startswith("...") else 0)
+        position = {a: offset + i for i, a in enumerate(input_axes)}
+        summed = [position[a] for a in input_axes
+                  if a not in kernel_axes + output_axes]
+        size = {a: kernel.shape[i] for i, a in enumerate(kernel_axes)}
+        if bias is not None and set(layer.bias_axes) != set(units):
+            bias = None  # left to the inner optimizer
+        return [EinsumBlock(
+            layer, kernel, bias, math.prod(size[a] for a in contracted),
+            permutation=_permutation(
+                [kernel_axes.index(a) for a in contracted + units]),
+            canonical_shape=(math.prod(size[a] for a in contracted),
+                             math.prod(size[a] for a in units)),
+            bias_permutation=None if bias is None else _bias_permutation(
+                layer.bias_axes, output_axes, units, len(bias.shape)),
+            summed=tuple(summed),
+            contracted=tuple(
+                position[a] - sum(axis < position[a] for axis in summed)
+                for a in contracted),
+        )]
+
+
+class MultiHeadAttentionRule(Rule):
+    """`MultiHeadAttention` has no block of its own: its projections are
+    `EinsumDense` layers with theirs. It removes the Keras masks of its
+    query, value and key before it calls them; its `record` hands those
+    masks on to their records (the query's to the output projection too),
+    so that their statistics leave out the masked positions as a
+    projection outside attention would."""
+
+    layer_types = (keras.layers.MultiHeadAttention,)
+    scaled = False
+    kernel_names = ()
+
+    def blocks(self, layer):
+        return []
+
+    def record(self, layer, call, args, kwargs, records):
+        given = dict(zip(("query", "value", "key"), args), **kwargs)
+        if given.get("key") is None:
+            given["key"] = given.get("value")
+
+        def mask(name):
+            found = given.get(f"{name}_mask")
+            return getattr(given.get(name), "_keras_mask", None) if (
+                found is None) else found
+
+        # The key's own mask counts only for a key other than the value.
+        key = "value" if given["key"] is given.get("value") else "key"
+        masks = {id(getattr(layer, f"_{projection}_dense", None)): mask(name)
+                 for projection, name in (("query", "query"),
+                                          ("value", "value"), ("key", key),
+                                          ("output", "query"))}
+        records.append(given.get("query"))
+        _PROJECTION_MASKS.update(masks)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            for projection in masks:
+                _PROJECTION_MASKS.pop(projection, None)
+
+
+# `{id(projection): mask}` while a `MultiHeadAttention` call is recorded.
+_PROJECTION_MASKS = {}
+
+
+def _permutation(order):
+    """`order` as a transposition, `None` for the identity."""
+    return None if order == sorted(order) else tuple(order)
+
+
+def _bias_permutation(bias_axes, output_axes, units, rank):
+    """The transposition of an `EinsumDense` bias (rank `rank`: the output's
+    axes from the first bias axis on, of size 1 where not a bias axis, then
+    those of a right `...`) that orders its axes as the kernel orders
+    `units`."""
+    axes = output_axes[min(output_axes.index(a) for a in bias_axes):]
+    positions = [axes.index(a) for a in units]
+    if positions == sorted(positions):
+        return None  # the axes between them have size 1
+    return tuple([a for a in range(rank) if a not in positions] + positions)
+
+
+RULES = (DenseRule(), ConvRule(), DepthwiseRule(), SeparableRule(),
+         EinsumDenseRule(), MultiHeadAttentionRule())
 
 
 def rule_for(layer):
