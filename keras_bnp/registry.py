@@ -5,6 +5,7 @@ import contextlib
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common import symbolic_scope
 from keras.src.saving import saving_lib
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.utils import naming
@@ -64,15 +65,20 @@ def saved_paths(model):
 
 
 @contextlib.contextmanager
-def capture_inputs(layers, on_first_call):
+def capture_inputs(layers, on_first_call, on_nested_call):
     """Records what every call of `layers` gives their blocks' statistics
     (`Rule.record`: normally the first positional input).
 
     Yields a dict `{layer: [record, ...]}`; a layer called several times (a
     shared layer) has one entry per call. `on_first_call(layer)` runs the
-    first time each layer is called, after Keras has built it. Calls in
-    another graph than the one entered in (Keras' symbolic shape inference
-    while it builds a model) are not recorded.
+    first time each layer is called, after Keras has built it.
+
+    Only calls in the graph the capture was entered in are recorded: a
+    tensor of a graph nested in it (a loop body, a `cond` branch, a nested
+    `tf.function`) cannot be used outside. Such a call runs
+    `on_nested_call(layer, construct)` instead, `construct` naming the
+    outermost of these graphs (see `_nesting`). Calls for Keras' symbolic
+    shape inference, and in unrelated graphs, are neither.
     """
     captured = {layer: [] for layer in layers}
     graph = tf.compat.v1.get_default_graph()
@@ -81,7 +87,11 @@ def capture_inputs(layers, on_first_call):
         rule = rules.rule_for(layer)
 
         def recording_call(*args, **kwargs):
-            if tf.compat.v1.get_default_graph() is not graph:
+            current = tf.compat.v1.get_default_graph()
+            if current is not graph:
+                construct = _nesting(current, graph)
+                if construct is not None:
+                    on_nested_call(layer, construct)
                 return call(*args, **kwargs)
             if not captured[layer]:
                 on_first_call(layer)
@@ -91,6 +101,30 @@ def capture_inputs(layers, on_first_call):
 
     with _patched_calls(layers, wrap):
         yield captured
+
+
+# TensorFlow's graph classes for control flow, by what builds them.
+_CONSTRUCTS = {
+    "WhileBodyFuncGraph": "loop",  # tf.while_loop, keras.ops.scan, ...
+    "WhileCondFuncGraph": "loop",
+    "CondBranchFuncGraph": "cond",  # tf.cond, keras.ops.cond on a tensor
+}
+
+
+def _nesting(current, graph):
+    """What `current` is nested in `graph` as: `"loop"`, `"cond"` or
+    `"function"` (a nested `tf.function`), for the outermost graph between
+    them; `None` when `current` is not nested in `graph` or is Keras'
+    symbolic shape inference."""
+    if symbolic_scope.in_symbolic_scope():
+        return None
+    construct = None
+    while current is not graph:
+        if current is None:
+            return None
+        construct = _CONSTRUCTS.get(type(current).__name__, "function")
+        current = getattr(current, "outer_graph", None)
+    return construct
 
 
 @contextlib.contextmanager
