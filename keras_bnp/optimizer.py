@@ -75,6 +75,12 @@ _NESTED = {
         "call the layer outside the `cond`, e.g. compute both branches "
         "and choose with `keras.ops.where`.",
     ),
+    "vectorized_map": (
+        "`keras.ops.vectorized_map` or `tf.vectorized_map`, whose function "
+        "is traced for a single element",
+        "call the layer on the whole batch outside `vectorized_map` (a "
+        "layer maps every example already).",
+    ),
     "function": (
         "a nested `tf.function`",
         "call the layer outside the nested `tf.function` (`fit` compiles "

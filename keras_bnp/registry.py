@@ -2,6 +2,7 @@
 capture of what their calls see (`rules` says what each kind needs)."""
 
 import contextlib
+import sys
 
 import keras
 import tensorflow as tf
@@ -9,6 +10,7 @@ from keras.src.backend.common import symbolic_scope
 from keras.src.saving import saving_lib
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.utils import naming
+from tensorflow.python.ops.parallel_for import control_flow_ops as parallel_for
 
 from keras_bnp import rules
 
@@ -71,16 +73,19 @@ def capture_inputs(layers, on_first_call, on_nested_call):
 
     Yields a dict `{layer: [record, ...]}`; a layer called several times (a
     shared layer) has one entry per call. `on_first_call(layer)` runs the
-    first time each layer is called, after Keras has built it.
+    first time each layer is called in the graph entered in, after Keras
+    has built it.
 
     Only calls in the graph the capture was entered in are recorded: a
     tensor of a graph nested in it (a loop body, a `cond` branch, a nested
-    `tf.function`) cannot be used outside. Such a call runs
-    `on_nested_call(layer, construct)` instead, `construct` naming the
-    outermost of these graphs (see `_nesting`). Calls for Keras' symbolic
-    shape inference, and in unrelated graphs, are neither.
+    `tf.function`) cannot be used outside, and one of `vectorized_map`'s
+    function holds a single element. Such a call runs
+    `on_nested_call(layer, construct)` instead, `construct` naming what it
+    is nested in (see `_nesting`). Calls for Keras' symbolic shape
+    inference, and in unrelated graphs, are neither.
     """
     captured = {layer: [] for layer in layers}
+    called = set()
     graph = tf.compat.v1.get_default_graph()
 
     def wrap(layer, call):
@@ -88,13 +93,16 @@ def capture_inputs(layers, on_first_call, on_nested_call):
 
         def recording_call(*args, **kwargs):
             current = tf.compat.v1.get_default_graph()
+            construct = _nesting(current, graph)
+            if construct is not None:
+                on_nested_call(layer, construct)
             if current is not graph:
-                construct = _nesting(current, graph)
-                if construct is not None:
-                    on_nested_call(layer, construct)
                 return call(*args, **kwargs)
-            if not captured[layer]:
+            if layer not in called:
+                called.add(layer)
                 on_first_call(layer)
+            if construct is not None:
+                return call(*args, **kwargs)
             return rule.record(layer, call, args, kwargs, captured[layer])
 
         return recording_call
@@ -109,15 +117,20 @@ _CONSTRUCTS = {
     "WhileCondFuncGraph": "loop",
     "CondBranchFuncGraph": "cond",  # tf.cond, keras.ops.cond on a tensor
 }
+_PFOR_CODE = getattr(getattr(parallel_for, "_pfor_impl", None), "__code__",
+                     None)
 
 
 def _nesting(current, graph):
-    """What `current` is nested in `graph` as: `"loop"`, `"cond"` or
-    `"function"` (a nested `tf.function`), for the outermost graph between
-    them; `None` when `current` is not nested in `graph` or is Keras'
-    symbolic shape inference."""
+    """What a call in graph `current` is nested in inside `graph`:
+    `"vectorized_map"`, or, for the outermost graph between them, `"loop"`,
+    `"cond"` or `"function"` (a nested `tf.function`); `None` for a call in
+    `graph` itself, in an unrelated graph, or for Keras' symbolic shape
+    inference."""
     if symbolic_scope.in_symbolic_scope():
         return None
+    if _in_vectorized_map():
+        return "vectorized_map"
     construct = None
     while current is not graph:
         if current is None:
@@ -125,6 +138,20 @@ def _nesting(current, graph):
         construct = _CONSTRUCTS.get(type(current).__name__, "function")
         current = getattr(current, "outer_graph", None)
     return construct
+
+
+def _in_vectorized_map():
+    """Whether TensorFlow's `pfor` (`tf.vectorized_map`,
+    `keras.ops.vectorized_map`) is tracing its function: it calls it once,
+    in the current graph, for a placeholder element index (element 0 when
+    run), and vectorizes the ops afterwards; a tensor of that call holds
+    one element, not the batch."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _PFOR_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

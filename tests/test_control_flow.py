@@ -27,14 +27,14 @@ def _inputs(seed=0):
     return x.astype("float32")
 
 
-def _fit(model, x, optimizer=None):
+def _fit(model, x, optimizer=None, **compile_args):
     """One step on the whole batch; BNP with `statistics_momentum=0`, so
     the statistics are those of this batch."""
     model.compile(
         optimizer=optimizer or keras_bnp.BNP(
             1e-6, momentum=0.0, statistics_momentum=0.0,
             initial_scaling=False),
-        loss="mse")
+        loss="mse", **compile_args)
     model.fit(x, np.zeros((BATCH, CHANNELS), "float32"), batch_size=BATCH,
               epochs=1, shuffle=False, verbose=0)
 
@@ -46,6 +46,13 @@ def _assert_statistics(optimizer, layer, values):
     values = values.astype("float64")
     assert_allclose(mean, values.mean(axis=0), atol=0, rtol=1e-6)
     assert_allclose(variance, values.var(axis=0), atol=0, rtol=1e-4)
+
+
+def _assert_never_updated(optimizer, layer):
+    """`layer`'s statistics are still the initial zeros and ones."""
+    mean, variance = optimizer.layer_statistics(layer)
+    assert_allclose(mean, 0.0, atol=0, rtol=0)
+    assert_allclose(variance, 1.0, atol=0, rtol=0)
 
 
 class Scan(keras_bnp.BNPMixin, keras.Model):
@@ -103,16 +110,54 @@ def test_layer_only_inside_a_scan_trains_with_the_inner_optimizer_alone():
                     r"its input and leaves its gradients unpreconditioned\. "
                     r"To precondition it, call the layer outside the loop")):
                 _fit(model, x, optimizer)
-            # Never updated: the initial zeros and ones.
-            mean, variance = optimizer.layer_statistics(model.dense)
-            assert_allclose(mean, 0.0, atol=0, rtol=0)
-            assert_allclose(variance, 1.0, atol=0, rtol=0)
+            _assert_never_updated(optimizer, model.dense)
         else:
             _fit(model, x, optimizer)
         weights.append(model.dense.get_weights())
         assert not np.allclose(weights[-1][0], before[0], rtol=0, atol=0)
     for bnp, sgd in zip(*weights):
         assert_allclose(bnp, sgd, atol=0, rtol=0)
+
+
+class Mapped(keras_bnp.BNPMixin, keras.Model):
+    """`dense` on each example, through `map_fn` (`keras.ops.map` or
+    `keras.ops.vectorized_map`)."""
+
+    def __init__(self, map_fn):
+        super().__init__()
+        self.map_fn = map_fn
+        self.dense = keras.layers.Dense(CHANNELS)
+
+    def call(self, x):
+        return self.map_fn(lambda example: self.dense(example[None])[0], x)
+
+
+def test_layer_in_vectorized_map_is_not_recorded_and_warns():
+    # pfor traces the function once for a placeholder index (example 0 when
+    # run), then vectorizes its ops: that call's input is one example.
+    x = _inputs()[:, 1]
+    model = Mapped(keras.ops.vectorized_map)
+    with pytest.warns(UserWarning, match=(
+            rf"Layer '{model.dense.name}' \(Dense\) is called in this "
+            r"training step only inside `keras.ops.vectorized_map` or "
+            r"`tf.vectorized_map`, whose function is traced for a single "
+            r"element, .* call the layer on the whole batch outside "
+            r"`vectorized_map`")):
+        _fit(model, x)
+    _assert_never_updated(model.optimizer, model.dense)
+
+
+def test_layer_in_keras_map_pools_the_first_example_keras_calls_outside():
+    # `keras.ops.map` calls the function on the first example outside the
+    # loop, for the output's structure; that call is recorded.
+    x = _inputs()[:, 1]
+    model = Mapped(keras.ops.map)
+    with pytest.warns(UserWarning, match=(
+            rf"Layer '{model.dense.name}' \(Dense\) is called in this "
+            rf"training step both inside {LOOP}.* and outside \(1 "
+            r"call\(s\)\)")):
+        _fit(model, x)
+    _assert_statistics(model.optimizer, model.dense, x[:1])
 
 
 class Branches(keras_bnp.BNPMixin, keras.Model):
@@ -217,3 +262,14 @@ def test_symbolic_shape_inference_in_a_step_is_neither_recorded_nor_warned():
         warnings.simplefilter("error", UserWarning)
         step(x)
     _assert_statistics(optimizer, model.dense, x)
+
+
+def test_eager_steps_record_every_call_of_a_loop():
+    # With `run_eagerly=True` a loop runs in Python, in the step's (eager)
+    # context: each iteration's call is recorded and pooled.
+    x = _inputs()
+    model = Scan(outside=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _fit(model, x, run_eagerly=True)
+    _assert_statistics(model.optimizer, model.dense, x.reshape(-1, CHANNELS))
