@@ -472,7 +472,8 @@ class BNP(keras.optimizers.Optimizer):
         """Records the inputs of `model`'s supported layers for one step.
 
         The forward pass and `apply_gradients` of one training step must run
-        inside this context. `BNPMixin.train_step` does this for `fit`.
+        inside this context. `BNPMixin.train_step` does this for `fit`, and
+        `BNPMixin.bnp_capture` for a model's own `train_step`.
         """
         layers = registry.supported_layers(model)
         self._track(model, layers)

@@ -162,18 +162,19 @@ def test_layer_in_keras_map_pools_the_first_example_keras_calls_outside():
 
 class Branches(keras_bnp.BNPMixin, keras.Model):
     """`dense` on the input, then on one of two values chosen by a `cond`
-    on a tensor."""
+    on a tensor, or on `python_bool` if given."""
 
-    def __init__(self):
+    def __init__(self, python_bool=None):
         super().__init__()
+        self.python_bool = python_bool
         self.dense = keras.layers.Dense(CHANNELS)
 
     def call(self, x):
         first = self.dense(x)
-        return keras.ops.cond(
-            keras.ops.mean(first) > 0,
-            lambda: self.dense(first),
-            lambda: self.dense(-first))
+        predicate = (keras.ops.mean(first) > 0 if self.python_bool is None
+                     else self.python_bool)
+        return keras.ops.cond(predicate, lambda: self.dense(first),
+                              lambda: self.dense(-first))
 
 
 def test_layer_in_cond_branches_pools_its_outside_call_and_warns():
@@ -187,6 +188,44 @@ def test_layer_in_cond_branches_pools_its_outside_call_and_warns():
             r"choose with `keras.ops.where`\.")):
         _fit(model, x)
     _assert_statistics(model.optimizer, model.dense, x)
+
+
+def test_cond_on_a_python_bool_is_recorded():
+    # Only the branch picked is traced, in the step's own graph.
+    x = _inputs()[:, 2]
+    model = Branches(python_bool=False)
+    model(x[:1])
+    kernel, bias = model.dense.get_weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _fit(model, x)
+    first = x.astype("float64") @ kernel + bias
+    _assert_statistics(model.optimizer, model.dense,
+                       np.concatenate([x, -first]))
+
+
+class Nested(keras_bnp.BNPMixin, keras.Model):
+    """`dense` inside a `tf.function` of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(CHANNELS)
+        self.nested = tf.function(self.dense)
+
+    def call(self, x):
+        return self.nested(x)
+
+
+def test_layer_in_a_nested_tf_function_warns():
+    x = _inputs()[:, 2]
+    model = Nested()
+    model(x[:1])
+    with pytest.warns(UserWarning, match=(
+            rf"Layer '{model.dense.name}' \(Dense\) is called in this "
+            r"training step only inside a nested `tf.function`.*call the "
+            r"layer outside the nested `tf.function`")):
+        _fit(model, x)
+    _assert_never_updated(model.optimizer, model.dense)
 
 
 class Cell(keras.layers.Layer):
