@@ -1,5 +1,6 @@
 """`BNPMixin`: the training step that feeds layer inputs to `BNP`."""
 
+import contextlib
 import warnings
 
 import keras
@@ -23,7 +24,9 @@ class BNPMixin:
     Put it first among the bases: `class Net(BNPMixin, keras.Model)`. The
     training step is `train_step`, overridden only to record the inputs of
     the model's Dense/Conv layers during the forward pass; loss, metrics and
-    the optimizer call are Keras' own `train_step`. Besides, it creates
+    the optimizer call are Keras' own `train_step`. A model with its own
+    `train_step` wraps its forward pass and `apply_gradients` in
+    `with self.bnp_capture():`. Besides, it creates
     BNP's state before it is needed (`make_train_function`,
     `compile_from_config` and `load_weights`, so that training under a
     distribution strategy and every kind of restore find it), and `fit`
@@ -36,11 +39,21 @@ class BNPMixin:
     """
 
     def train_step(self, data):
-        bnp = find_bnp(self.optimizer)
+        with self.bnp_capture():
+            return super().train_step(data)
+
+    @contextlib.contextmanager
+    def bnp_capture(self):
+        """Records, for one training step, the layer inputs that `BNP`
+        needs; nothing when the model's optimizer is not (or does not wrap)
+        a `BNP`. A model that overrides `train_step` runs its forward pass
+        and `apply_gradients` inside `with self.bnp_capture():`."""
+        bnp = find_bnp(getattr(self, "optimizer", None))
         if bnp is None:
-            return super().train_step(data)
+            yield
+            return
         with bnp.capture(self):
-            return super().train_step(data)
+            yield
 
     def fit(self, *args, **kwargs):
         # Scales the initial weights (BNP's `initial_scaling`), and adds

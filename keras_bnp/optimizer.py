@@ -42,6 +42,65 @@ _MISSING_CAPTURE = (
     "`with optimizer.capture(model):`."
 )
 
+_CUSTOM_STEP = (
+    "Model '{name}' ({cls}) has BNPMixin but overrides `train_step`, so "
+    "BNPMixin's training step, which records the inputs of the model's "
+    "Dense/Conv layers for BNP, does not run. Run the forward pass and "
+    "`apply_gradients` of your `train_step` inside "
+    "`with self.bnp_capture():` (it does nothing with an optimizer other "
+    "than BNP), e.g.\n\n"
+    "    def train_step(self, data):\n"
+    "        with self.bnp_capture():\n"
+    "            with tf.GradientTape() as tape:\n"
+    "                loss = ...  # the forward pass\n"
+    "            grads = tape.gradient(loss, self.trainable_weights)\n"
+    "            self.optimizer.apply_gradients(\n"
+    "                zip(grads, self.trainable_weights))\n"
+    "        ...\n\n"
+    "or return `super().train_step(data)` from it."
+)
+
+# Per kind of graph a layer can be called in inside the training step's
+# (see `registry.capture_inputs`): how to name it, and how to call the
+# layer outside it.
+_NESTED = {
+    "loop": (
+        "a loop (`keras.ops.scan`, `fori_loop`, `while_loop`, `map`, "
+        "`tf.while_loop`)",
+        "call the layer outside the loop: apply it to all steps at once "
+        "(stacked along the batch axis) when a step does not need the "
+        "previous one's output, or unroll a loop of fixed length in "
+        "Python.",
+    ),
+    "cond": (
+        "a `cond` branch (`keras.ops.cond` or `tf.cond` on a tensor)",
+        "call the layer outside the `cond`, e.g. compute both branches "
+        "and choose with `keras.ops.where`.",
+    ),
+    "vectorized_map": (
+        "`keras.ops.vectorized_map` or `tf.vectorized_map`, whose function "
+        "is traced for a single element",
+        "call the layer on the whole batch outside `vectorized_map` (a "
+        "layer maps every example already).",
+    ),
+    "function": (
+        "a nested `tf.function`",
+        "call the layer outside the nested `tf.function` (`fit` compiles "
+        "the training step already).",
+    ),
+}
+
+
+def _missing_capture(model):
+    """The error message for a step that recorded no layer inputs, for the
+    model BNP last tracked (`None` if none)."""
+    from keras_bnp.model import BNPMixin  # keras_bnp.model imports this
+
+    if (isinstance(model, BNPMixin)
+            and type(model).train_step is not BNPMixin.train_step):
+        return _CUSTOM_STEP.format(name=model.name, cls=type(model).__name__)
+    return _MISSING_CAPTURE
+
 
 def _key(variable):
     """Identifies a model variable. Not `Optimizer._var_key`, which reads
@@ -257,6 +316,7 @@ class BNP(keras.optimizers.Optimizer):
         # Python-side bookkeeping, kept out of Keras' variable tracking.
         self.__dict__["_slots"] = {}
         self.__dict__["_step_inputs"] = None
+        self.__dict__["_step_nested"] = {}
         self.__dict__["_model"] = None  # a weak reference, once tracked
         self.__dict__["_places"] = None  # cache of `_saved_places`
         self.__dict__["_released"] = set()  # ids of released variables
@@ -415,14 +475,22 @@ class BNP(keras.optimizers.Optimizer):
         """Records the inputs of `model`'s supported layers for one step.
 
         The forward pass and `apply_gradients` of one training step must run
-        inside this context. `BNPMixin.train_step` does this for `fit`.
+        inside this context. `BNPMixin.train_step` does this for `fit`, and
+        `BNPMixin.bnp_capture` for a model's own `train_step`.
         """
         layers = registry.supported_layers(model)
         self._track(model, layers)
         # A deferred-build layer gets its statistics on its first call.
         on_first_call = lambda layer: self._track(model, layers)  # noqa: E731
-        with registry.capture_inputs(layers, on_first_call) as captured:
+        nested = {}  # {layer: {construct, ...}}, see `_called`
+
+        def on_nested_call(layer, construct):
+            nested.setdefault(layer, set()).add(construct)
+
+        with registry.capture_inputs(layers, on_first_call,
+                                     on_nested_call) as captured:
             self.__dict__["_step_inputs"] = captured
+            self.__dict__["_step_nested"] = nested
             try:
                 yield
             finally:
@@ -431,7 +499,8 @@ class BNP(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         step_inputs = self._step_inputs
         if step_inputs is None:
-            raise RuntimeError(_MISSING_CAPTURE)
+            raise RuntimeError(
+                _missing_capture(self._model and self._model()))
         self.__dict__["_step_inputs"] = None
         # A copy: under a tf.distribute strategy, while this replica waits
         # in an all-reduce, the next one's forward pass runs through the
@@ -445,8 +514,8 @@ class BNP(keras.optimizers.Optimizer):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         grads = list(grads)
-        blocks = [block for layer in self._called(step_inputs)
-                  for block in rules.blocks(layer)]
+        called = self._called(step_inputs, dict(self._step_nested))
+        blocks = [block for layer in called for block in rules.blocks(layer)]
         if not blocks:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
@@ -531,19 +600,41 @@ class BNP(keras.optimizers.Optimizer):
         if distributed:
             self.inner_optimizer.apply(preconditioned, trainable_variables)
 
-    def _called(self, step_inputs):
-        """The captured layers that were called; warns about the others."""
+    def _called(self, step_inputs, nested):
+        """The captured layers that were called in the step's own graph;
+        warns about the others, and about calls in graphs nested in it
+        (`nested`: `{layer: constructs}`, see `registry.capture_inputs`)."""
         for layer, inputs in step_inputs.items():
-            if not inputs:
-                warnings.warn(
-                    f"Layer '{layer.name}' ({type(layer).__name__}) was not "
-                    "called in this training step, so BNP has no statistics "
-                    "of its input and leaves its gradients unpreconditioned. "
-                    "This happens when a model uses a layer's weights "
-                    "without calling the layer; call the layer, or set "
-                    "`layer.trainable = False` if it is not trained.",
-                    stacklevel=3,
-                )
+            where = " or ".join(_NESTED[c][0] for c in sorted(
+                nested.get(layer, ())))
+            fixes = " ".join(_NESTED[c][1] for c in sorted(
+                nested.get(layer, ())))
+            layer_text = f"Layer '{layer.name}' ({type(layer).__name__})"
+            if where and inputs:
+                message = (
+                    f"{layer_text} is called in this training step both "
+                    f"inside {where} and outside ({len(inputs)} "
+                    "call(s)). BNP's statistics of its input pool only the "
+                    "calls outside, while its gradient sums over all "
+                    f"calls. To pool every call, {fixes}")
+            elif where:
+                message = (
+                    f"{layer_text} is called in this training step only "
+                    f"inside {where}, whose tensors BNP cannot read, so BNP "
+                    "has no statistics of its input and leaves its "
+                    f"gradients unpreconditioned. To precondition it, "
+                    f"{fixes}")
+            elif not inputs:
+                message = (
+                    f"{layer_text} was not called in this training step, "
+                    "so BNP has no statistics of its input and leaves its "
+                    "gradients unpreconditioned. This happens when a model "
+                    "uses a layer's weights without calling the layer; "
+                    "call the layer, or set `layer.trainable = False` if "
+                    "it is not trained.")
+            else:
+                continue
+            warnings.warn(message, stacklevel=3)
         return [layer for layer, inputs in step_inputs.items() if inputs]
 
     def layer_statistics(self, layer, block=None):

@@ -2,12 +2,15 @@
 capture of what their calls see (`rules` says what each kind needs)."""
 
 import contextlib
+import sys
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common import symbolic_scope
 from keras.src.saving import saving_lib
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.utils import naming
+from tensorflow.python.ops.parallel_for import control_flow_ops as parallel_for
 
 from keras_bnp import rules
 
@@ -64,33 +67,91 @@ def saved_paths(model):
 
 
 @contextlib.contextmanager
-def capture_inputs(layers, on_first_call):
+def capture_inputs(layers, on_first_call, on_nested_call):
     """Records what every call of `layers` gives their blocks' statistics
     (`Rule.record`: normally the first positional input).
 
     Yields a dict `{layer: [record, ...]}`; a layer called several times (a
     shared layer) has one entry per call. `on_first_call(layer)` runs the
-    first time each layer is called, after Keras has built it. Calls in
-    another graph than the one entered in (Keras' symbolic shape inference
-    while it builds a model) are not recorded.
+    first time each layer is called in the graph entered in, after Keras
+    has built it.
+
+    Only calls in the graph the capture was entered in are recorded: a
+    tensor of a graph nested in it (a loop body, a `cond` branch, a nested
+    `tf.function`) cannot be used outside, and one of `vectorized_map`'s
+    function holds a single element. Such a call runs
+    `on_nested_call(layer, construct)` instead, `construct` naming what it
+    is nested in (see `_nesting`). Calls for Keras' symbolic shape
+    inference, and in unrelated graphs, are neither.
     """
     captured = {layer: [] for layer in layers}
+    called = set()
     graph = tf.compat.v1.get_default_graph()
 
     def wrap(layer, call):
         rule = rules.rule_for(layer)
 
         def recording_call(*args, **kwargs):
-            if tf.compat.v1.get_default_graph() is not graph:
+            current = tf.compat.v1.get_default_graph()
+            construct = _nesting(current, graph)
+            if construct is not None:
+                on_nested_call(layer, construct)
+            if current is not graph:
                 return call(*args, **kwargs)
-            if not captured[layer]:
+            if layer not in called:
+                called.add(layer)
                 on_first_call(layer)
+            if construct is not None:
+                return call(*args, **kwargs)
             return rule.record(layer, call, args, kwargs, captured[layer])
 
         return recording_call
 
     with _patched_calls(layers, wrap):
         yield captured
+
+
+# TensorFlow's graph classes for control flow, by what builds them.
+_CONSTRUCTS = {
+    "WhileBodyFuncGraph": "loop",  # tf.while_loop, keras.ops.scan, ...
+    "WhileCondFuncGraph": "loop",
+    "CondBranchFuncGraph": "cond",  # tf.cond, keras.ops.cond on a tensor
+}
+_PFOR_CODE = getattr(getattr(parallel_for, "_pfor_impl", None), "__code__",
+                     None)
+
+
+def _nesting(current, graph):
+    """What a call in graph `current` is nested in inside `graph`:
+    `"vectorized_map"`, or, for the outermost graph between them, `"loop"`,
+    `"cond"` or `"function"` (a nested `tf.function`); `None` for a call in
+    `graph` itself, in an unrelated graph, or for Keras' symbolic shape
+    inference."""
+    if symbolic_scope.in_symbolic_scope():
+        return None
+    if _in_vectorized_map():
+        return "vectorized_map"
+    construct = None
+    while current is not graph:
+        if current is None:
+            return None
+        construct = _CONSTRUCTS.get(type(current).__name__, "function")
+        current = getattr(current, "outer_graph", None)
+    return construct
+
+
+def _in_vectorized_map():
+    """Whether TensorFlow's `pfor` (`tf.vectorized_map`,
+    `keras.ops.vectorized_map`) is tracing its function: it calls it once,
+    in the current graph, for a placeholder element index (element 0 when
+    run), and vectorizes the ops afterwards; a tensor of that call holds
+    one element, not the batch."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _PFOR_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

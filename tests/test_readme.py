@@ -5,11 +5,13 @@ import re
 
 import keras
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 # Every Python block, by the section it is in; the Scaling out block runs
 # on two replicas in tests/test_distribute.py.
 SECTIONS = ("## Quickstart", "## Saving, resuming and serving",
+            "## Custom training steps", "### keras-hub models",
             "## Scaling out")
 
 
@@ -68,3 +70,42 @@ def test_saving_section_runs_alone(tmp_path, monkeypatch, capsys):
     served = namespace["served"].serve(x).numpy()
     np.testing.assert_allclose(served, restored.predict(x, verbose=0),
                                atol=1e-5)
+
+
+def test_custom_training_step_section_runs_and_learns(capsys):
+    namespace = {}
+    exec(compile(_python_block("## Custom training steps"),
+                 "README custom training steps", "exec"), namespace)
+    vae, losses = namespace["vae"], namespace["history"].history["loss"]
+    assert int(vae.optimizer.iterations) == 500  # 8000 digits, 2 epochs
+    assert losses[-1] < 0.35 < losses[0]  # binary cross-entropy per pixel
+    # The encoder's first layer sees the pixels.
+    x = namespace["x_train"].reshape(-1, 784)
+    mean, variance = vae.optimizer.layer_statistics(vae.hidden)
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=0.05)
+    assert np.all(variance >= 0) and np.all(variance <= 0.25)
+    assert "loss per epoch: [" in capsys.readouterr().out
+
+
+# Whether BNP covers enough of the task depends on the rules it has (the
+# attention projections are EinsumDense layers).
+@pytest.mark.filterwarnings("ignore::keras_bnp.coverage.CoverageWarning")
+def test_keras_hub_section_runs_learns_and_saves(tmp_path, capsys):
+    pytest.importorskip(
+        "keras_hub", reason="keras-hub is not installed (pip install "
+        "keras-hub); the README's keras-hub section is not run")
+    namespace = {}
+    exec(compile(_python_block("### keras-hub models"), "README keras-hub",
+                 "exec"), namespace)
+    model, x = namespace["model"], namespace["x"]
+    assert namespace["history"].history["accuracy"][-1] > 0.9
+    out = capsys.readouterr().out
+    assert "accuracy per epoch: [" in out and "logits" in out
+    # Saved and loaded with the optimizer's statistics.
+    model.save(tmp_path / "bert.keras")
+    restored = keras.models.load_model(tmp_path / "bert.keras")
+    for saved, trained in zip(restored.optimizer.variables,
+                              model.optimizer.variables):
+        np.testing.assert_array_equal(saved.numpy(), trained.numpy())
+    np.testing.assert_allclose(restored.predict(x, verbose=0),
+                               model.predict(x, verbose=0), atol=1e-5)
