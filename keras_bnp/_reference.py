@@ -115,3 +115,12 @@ class SGDMomentum:
         velocity = self.momentum * velocity - self.learning_rate * grad
         self.velocity[name] = velocity
         return weight + velocity
+
+
+def precondition_transposed(grad_kernel, grad_bias, mean, variance, epsilon):
+    """`precondition` for a transposed convolution's kernel `(*spatial,
+    units, in_channels)`: output unit `o`'s fan-in is every entry `[...,
+    o, c]`, all taps of all input channels."""
+    kernel, bias = precondition(np.swapaxes(grad_kernel, -1, -2), grad_bias,
+                                mean, variance, epsilon)
+    return np.swapaxes(kernel, -1, -2), bias

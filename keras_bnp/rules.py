@@ -147,7 +147,27 @@ class ConvRule(Rule):
             channel_axis=_channel_axis(layer))]
 
 
-RULES = (DenseRule(), ConvRule())
+class ConvTransposeRule(Rule):
+    """`Conv1DTranspose`/`2D`/`3D`, either data format: the kernel
+    `(*spatial, out, in)`, its last two axes swapped into the canonical
+    layout; statistics per input channel over batch and space. The bias
+    takes the centring of every tap, which is exact in the interior for
+    `strides=1` only (see `docs/layer_rules.md`)."""
+
+    layer_types = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                   keras.layers.Conv3DTranspose)
+
+    def blocks(self, layer):
+        weights = _trainable(layer)
+        kernel = weights["kernel"]
+        rank = len(kernel.shape)
+        return [Block(
+            layer, kernel, weights.get("bias"), kernel.shape[-1],
+            channel_axis=_channel_axis(layer),
+            permutation=(*range(rank - 2), rank - 1, rank - 2))]
+
+
+RULES = (DenseRule(), ConvRule(), ConvTransposeRule())
 
 
 def rule_for(layer):
