@@ -14,6 +14,7 @@ reference test. The derivations are in `docs/layer_rules.md`.
 """
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -30,7 +31,10 @@ class Block:
     and `canonical_shape` reshapes them to `(*spatial, features // groups,
     units)`; the bias reshapes to `(units,)`. `features(record)` gives,
     from what `Rule.record` kept of one call, the tensor and its channel
-    axis whose statistics the block keeps.
+    axis whose statistics the block keeps. `mean_scale` is the fraction of
+    the layer's output positions that each kernel entry reaches (1 but for
+    a strided transposed convolution): the fan-in's mean is the features'
+    mean times it, and the gradients are centred on that.
     """
 
     layer: keras.layers.Layer
@@ -42,6 +46,7 @@ class Block:
     channel_axis: int = -1
     permutation: tuple | None = None
     canonical_shape: tuple | None = None
+    mean_scale: float = 1.0
 
     @property
     def variables(self):
@@ -150,9 +155,10 @@ class ConvRule(Rule):
 class ConvTransposeRule(Rule):
     """`Conv1DTranspose`/`2D`/`3D`, either data format: the kernel
     `(*spatial, out, in)`, its last two axes swapped into the canonical
-    layout; statistics per input channel over batch and space. The bias
-    takes the centring of every tap, which is exact in the interior for
-    `strides=1` only (see `docs/layer_rules.md`)."""
+    layout; statistics per input channel over batch and space. With
+    strides `s`, each kernel entry reaches `1 / prod(s)` of the output
+    positions, so the gradients are centred on `mean / prod(s)`: exact in
+    the interior for `strides=1` only (see `docs/layer_rules.md`)."""
 
     layer_types = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
                    keras.layers.Conv3DTranspose)
@@ -164,7 +170,8 @@ class ConvTransposeRule(Rule):
         return [Block(
             layer, kernel, weights.get("bias"), kernel.shape[-1],
             channel_axis=_channel_axis(layer),
-            permutation=(*range(rank - 2), rank - 1, rank - 2))]
+            permutation=(*range(rank - 2), rank - 1, rank - 2),
+            mean_scale=1.0 / math.prod(layer.strides))]
 
 
 RULES = (DenseRule(), ConvRule(), ConvTransposeRule())
