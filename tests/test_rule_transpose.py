@@ -114,12 +114,14 @@ class _Sampling(keras.layers.Layer):
         self.seed = keras.random.SeedGenerator(0)
 
 
-def vae_parts(latent=2):
-    """The keras-io convolutional VAE's encoder and decoder, smaller."""
+def vae_parts(filters=(8, 16), latent=2):
+    """The keras-io convolutional VAE's encoder and decoder; keras-io's
+    has `filters=(32, 64)`."""
+    small, large = filters
     images = keras.Input((28, 28, 1))
-    h = keras.layers.Conv2D(8, 3, strides=2, padding="same",
+    h = keras.layers.Conv2D(small, 3, strides=2, padding="same",
                             activation="relu")(images)
-    h = keras.layers.Conv2D(16, 3, strides=2, padding="same",
+    h = keras.layers.Conv2D(large, 3, strides=2, padding="same",
                             activation="relu")(h)
     h = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(h))
     z_mean, z_log_var = keras.layers.Dense(latent)(h), keras.layers.Dense(
@@ -127,10 +129,10 @@ def vae_parts(latent=2):
     encoder = keras.Model(images, [z_mean, z_log_var,
                                    _Sampling()([z_mean, z_log_var])])
     codes = keras.Input((latent,))
-    h = keras.layers.Reshape((7, 7, 16))(
-        keras.layers.Dense(7 * 7 * 16, activation="relu")(codes))
-    h = T2(16, 3, strides=2, padding="same", activation="relu")(h)
-    h = T2(8, 3, strides=2, padding="same", activation="relu")(h)
+    h = keras.layers.Reshape((7, 7, large))(
+        keras.layers.Dense(7 * 7 * large, activation="relu")(codes))
+    h = T2(large, 3, strides=2, padding="same", activation="relu")(h)
+    h = T2(small, 3, strides=2, padding="same", activation="relu")(h)
     decoder = keras.Model(codes, T2(1, 3, padding="same",
                                     activation="sigmoid")(h))
     return encoder, decoder
@@ -149,17 +151,19 @@ class VAE(keras_bnp.BNPMixin, keras.Model):
     def train_step(self, images):
         with self.optimizer.capture(self):
             with tf.GradientTape() as tape:
-                z_mean, z_log_var, z = self.encoder(images)
-                reconstruction = self.decoder(z)
-                loss = keras.ops.mean(keras.ops.sum(
-                    keras.losses.binary_crossentropy(
-                        images, reconstruction), axis=(1, 2)))
-                loss += keras.ops.mean(-0.5 * keras.ops.sum(
-                    1 + z_log_var - z_mean**2 - keras.ops.exp(z_log_var),
-                    axis=1))
+                loss = self.loss_of(images)
             grads = tape.gradient(loss, self.trainable_weights)
             self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
         return {"loss": loss}
+
+    def loss_of(self, images):
+        """The negative ELBO: reconstruction cross-entropy plus KL."""
+        z_mean, z_log_var, z = self.encoder(images)
+        reconstruction = keras.ops.sum(keras.losses.binary_crossentropy(
+            images, self.decoder(z)), axis=(1, 2))
+        kl = -0.5 * keras.ops.sum(
+            1 + z_log_var - z_mean**2 - keras.ops.exp(z_log_var), axis=1)
+        return keras.ops.mean(reconstruction + kl)
 
 
 def test_vae_trains_with_every_kernel_preconditioned():
