@@ -104,14 +104,16 @@ def test_mean_term_is_constant_in_the_interior_only_at_stride_1(
 
 
 class _Sampling(keras.layers.Layer):
-    def call(self, inputs):
-        z_mean, z_log_var = inputs
-        noise = keras.random.normal(keras.ops.shape(z_mean), seed=self.seed)
-        return z_mean + keras.ops.exp(0.5 * z_log_var) * noise
+    """Draws the code `z_mean + exp(z_log_var / 2) * noise`."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.seed = keras.random.SeedGenerator(0)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        noise = keras.random.normal(keras.ops.shape(z_mean), seed=self.seed)
+        return z_mean + keras.ops.exp(0.5 * z_log_var) * noise
 
 
 def vae_parts(filters=(8, 16), latent=2):
