@@ -12,6 +12,7 @@ from test_optimizer import _custom_step
 
 import keras_bnp
 from keras_bnp import _reference
+from keras_bnp import coverage
 from keras_bnp import rules
 
 T1, T2, T3 = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
@@ -103,49 +104,15 @@ def test_mean_term_is_constant_in_the_interior_only_at_stride_1(
             assert np.abs(even[0] - odd[0]).min() > 1e-2
 
 
-class _Sampling(keras.layers.Layer):
-    """Draws the code `z_mean + exp(z_log_var / 2) * noise`."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = keras.random.SeedGenerator(0)
-
-    def call(self, inputs):
-        z_mean, z_log_var = inputs
-        noise = keras.random.normal(keras.ops.shape(z_mean), seed=self.seed)
-        return z_mean + keras.ops.exp(0.5 * z_log_var) * noise
-
-
-def vae_parts(filters=(8, 16), latent=2):
-    """The keras-io convolutional VAE's encoder and decoder; keras-io's
-    has `filters=(32, 64)`."""
-    small, large = filters
-    images = keras.Input((28, 28, 1))
-    h = keras.layers.Conv2D(small, 3, strides=2, padding="same",
-                            activation="relu")(images)
-    h = keras.layers.Conv2D(large, 3, strides=2, padding="same",
-                            activation="relu")(h)
-    h = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(h))
-    z_mean, z_log_var = keras.layers.Dense(latent)(h), keras.layers.Dense(
-        latent)(h)
-    encoder = keras.Model(images, [z_mean, z_log_var,
-                                   _Sampling()([z_mean, z_log_var])])
-    codes = keras.Input((latent,))
-    h = keras.layers.Reshape((7, 7, large))(
-        keras.layers.Dense(7 * 7 * large, activation="relu")(codes))
-    h = T2(large, 3, strides=2, padding="same", activation="relu")(h)
-    h = T2(small, 3, strides=2, padding="same", activation="relu")(h)
-    decoder = keras.Model(codes, T2(1, 3, padding="same",
-                                    activation="sigmoid")(h))
-    return encoder, decoder
-
-
 class VAE(keras_bnp.BNPMixin, keras.Model):
-    """The keras-io VAE's custom `train_step`, inside BNP's capture."""
+    """The keras-io VAE (`coverage.vae`) with its custom `train_step`,
+    inside BNP's capture."""
 
-    def __init__(self, encoder, decoder, **kwargs):
+    def __init__(self, filters=(8, 16), **kwargs):
         super().__init__(**kwargs)
-        self.encoder, self.decoder = encoder, decoder
+        parts = coverage.vae(filters=filters)
+        self.encoder = parts.get_layer("encoder")
+        self.decoder = parts.get_layer("decoder")
 
     def call(self, images):
         return self.decoder(self.encoder(images)[2])
@@ -172,8 +139,7 @@ def test_vae_trains_with_every_kernel_preconditioned():
     # The keras-io VAE pattern: a custom train_step inside BNP's capture;
     # every kernel has a rule, and the decoder's transposed convolutions
     # have statistics after `fit`.
-    encoder, decoder = vae_parts()
-    model = VAE(encoder, decoder)
+    model = VAE()
     model.compile(optimizer=keras_bnp.BNP(1e-3))
     rng = np.random.default_rng(0)
     images = (rng.uniform(size=(32, 28, 28, 1)) < 0.2).astype("float32")
@@ -184,7 +150,7 @@ def test_vae_trains_with_every_kernel_preconditioned():
     covered = {id(block.kernel) for layer in model._flatten_layers()
                for block in rules.blocks(layer)}
     assert covered == kernels
-    for layer in decoder.layers:
+    for layer in model.decoder.layers:
         if isinstance(layer, T2):
             _, variance = model.optimizer.layer_statistics(layer)
             assert variance.shape == (layer.kernel.shape[-1],)

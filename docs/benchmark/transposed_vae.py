@@ -27,12 +27,12 @@ import keras
 import numpy as np
 
 import keras_bnp
+from keras_bnp import coverage
 from keras_bnp import data
 from keras_bnp import rules
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "tests"))
 from test_rule_transpose import VAE  # noqa: E402
-from test_rule_transpose import vae_parts  # noqa: E402
 
 WITHOUT = tuple(r for r in rules.RULES
                 if not isinstance(r, rules.ConvTransposeRule))
@@ -63,22 +63,10 @@ VARIANTS = {"no layer": (), "none": WITHOUT,
             "strided only": (*WITHOUT, StridesRule(strided=True))}
 
 
-def kernel_share(model):
-    """(preconditioned kernel variables, all, their parameters, all)."""
-    kernels = list({id(v): v for layer in model._flatten_layers()
-                    for v in layer.trainable_weights
-                    if "kernel" in v.path}.values())
-    covered = {id(block.kernel) for layer in model._flatten_layers()
-               for block in rules.blocks(layer)}
-    mine = [v for v in kernels if id(v) in covered]
-    return (len(mine), len(kernels), sum(int(np.prod(v.shape)) for v in mine),
-            sum(int(np.prod(v.shape)) for v in kernels))
-
-
 def test_loss(variant, learning_rate, seed, splits, epochs, inner="sgd"):
     rules.RULES = VARIANTS[variant]
     keras.utils.set_random_seed(seed)
-    model = VAE(*vae_parts())
+    model = VAE()
     model.compile(optimizer=keras_bnp.BNP(learning_rate) if inner == "sgd"
                   else keras_bnp.BNP(inner_optimizer=keras.optimizers.Adam(
                       learning_rate)))
@@ -104,13 +92,11 @@ def main():
 
     for variant in ("none", "rule"):
         rules.RULES = VARIANTS[variant]
-        model = VAE(*vae_parts(filters=(32, 64)))
+        model = VAE(filters=(32, 64))
         model(np.zeros((1, 28, 28, 1), "float32"))
-        mine, kernels, mine_size, size = kernel_share(model)
         state = "on" if variant == "rule" else "off"
-        print(f"keras-io VAE, transposed rule {state}: {mine} of {kernels} "
-              f"kernels preconditioned, {mine_size} of {size} kernel "
-              f"parameters ({100 * mine_size / size:.1f}%)")
+        print(f"keras-io VAE, transposed rule {state}: "
+              f"{coverage.coverage(model).line()}")
 
     (x, _), (x_test, _) = data.load_mnist()
     x, x_test = x[..., None], x_test[..., None]
