@@ -239,3 +239,16 @@ def einsum_precondition(grad_kernel, grad_bias, equation, bias_axes, mean,
     bias = np.einsum(f"{units}->{''.join(a for a in letters if a in units)}",
                      bias.reshape([size[a] for a in units]))
     return new_kernel, bias.reshape(np.shape(grad_bias))
+
+
+def precondition_transposed(grad_kernel, grad_bias, mean, variance, epsilon,
+                            strides):
+    """`precondition` for a transposed convolution's kernel `(*spatial,
+    units, in_channels)`: output unit `o`'s fan-in is every entry `[...,
+    o, c]`, all taps of all input channels. Each tap reaches one output
+    position in `prod(strides)`, so the fan-in's mean over the output
+    positions is `mean / prod(strides)`; the variance is the input's."""
+    kernel, bias = precondition(
+        np.swapaxes(grad_kernel, -1, -2), grad_bias,
+        np.asarray(mean) / np.prod(strides), variance, epsilon)
+    return np.swapaxes(kernel, -1, -2), bias

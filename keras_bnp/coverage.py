@@ -388,10 +388,12 @@ def bilstm_classifier(vocabulary=20000, units=64):
     return keras.Model(inputs, outputs, name="bilstm")
 
 
-def vae(latent=2):
+def vae(latent=2, filters=(32, 64)):
     """keras-io's "Variational AutoEncoder" on MNIST: a convolutional
     encoder to `(z_mean, z_log_var)`, a sample, and a Conv2DTranspose
-    decoder, as one functional model of the two."""
+    decoder, as one functional model of the two (its layers `encoder` and
+    `decoder`). `filters`: the convolutions' (keras-io's by default)."""
+    small, large = filters
     import keras
 
     class Sampling(keras.layers.Layer):
@@ -408,18 +410,20 @@ def vae(latent=2):
             return z_mean + keras.ops.exp(0.5 * z_log_var) * epsilon
 
     images = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(32, 3, 2, "same", activation="relu")(images)
-    x = keras.layers.Conv2D(64, 3, 2, "same", activation="relu")(x)
+    x = keras.layers.Conv2D(small, 3, 2, "same", activation="relu")(images)
+    x = keras.layers.Conv2D(large, 3, 2, "same", activation="relu")(x)
     x = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(x))
     z_mean = keras.layers.Dense(latent, name="z_mean")(x)
     z_log_var = keras.layers.Dense(latent, name="z_log_var")(x)
     z = Sampling()([z_mean, z_log_var])
     encoder = keras.Model(images, [z_mean, z_log_var, z], name="encoder")
     codes = keras.Input((latent,))
-    x = keras.layers.Dense(7 * 7 * 64, activation="relu")(codes)
-    x = keras.layers.Reshape((7, 7, 64))(x)
-    x = keras.layers.Conv2DTranspose(64, 3, 2, "same", activation="relu")(x)
-    x = keras.layers.Conv2DTranspose(32, 3, 2, "same", activation="relu")(x)
+    x = keras.layers.Dense(7 * 7 * large, activation="relu")(codes)
+    x = keras.layers.Reshape((7, 7, large))(x)
+    x = keras.layers.Conv2DTranspose(large, 3, 2, "same",
+                                     activation="relu")(x)
+    x = keras.layers.Conv2DTranspose(small, 3, 2, "same",
+                                     activation="relu")(x)
     decoded = keras.layers.Conv2DTranspose(1, 3, padding="same",
                                            activation="sigmoid")(x)
     decoder = keras.Model(codes, decoded, name="decoder")

@@ -572,7 +572,7 @@ class BNP(keras.optimizers.Optimizer):
                     tf.convert_to_tensor(slot.moving_count),
                     shift, *block_sums, *canonical,
                     momentum=self.statistics_momentum, damping=self._damping,
-                    groups=block.groups,
+                    groups=block.groups, mean_scale=block.mean_scale,
                 )
                 self.assign(slot.moving_mean, mean)
                 self.assign(slot.moving_variance, variance)
@@ -944,6 +944,7 @@ def _input_sums(calls, shift, variance):
 def _layer_update(
     moving_mean, moving_variance, moving_count, shift, count, centred_sum,
     centred_square_sum, grad_kernel, grad_bias, *, momentum, damping, groups,
+    mean_scale=1.0,
 ):
     """One layer's statistics update and preconditioning, as a pure
     function of tensors (the sums are of the inputs minus `shift`).
@@ -952,7 +953,8 @@ def _layer_update(
     with no values leaves the statistics as they were. `skips` counts the
     first two causes, `[non-finite input, overflow]` (a batch without
     values has nothing to skip). `grad_kernel` may be `None` (the kernel
-    is not trained this step).
+    is not trained this step). The gradients are centred on `mean_scale`
+    times the mean (`rules.Block.mean_scale`).
     """
     mean, variance = statistics.moments_from_sums(
         count, centred_sum, centred_square_sum, shift
@@ -977,7 +979,7 @@ def _layer_update(
     new_count = tf.where(usable, new_count, moving_count)
     if grad_kernel is not None:
         grad_kernel, grad_bias = preconditioner.precondition(
-            grad_kernel, grad_bias, new_mean, new_variance,
+            grad_kernel, grad_bias, mean_scale * new_mean, new_variance,
             damping(new_mean, new_variance), groups,
         )
     return new_mean, new_variance, new_count, skips, grad_kernel, grad_bias

@@ -35,7 +35,10 @@ class Block:
     units)`; the bias, its axes ordered by `bias_permutation`, reshapes to
     `(units,)`. `features(record)` gives,
     from what `Rule.record` kept of one call, the tensor and its channel
-    axis whose statistics the block keeps.
+    axis whose statistics the block keeps. `mean_scale` is the fraction of
+    the layer's output positions that each kernel entry reaches (1 but for
+    a strided transposed convolution): the fan-in's mean is the features'
+    mean times it, and the gradients are centred on that.
     """
 
     layer: keras.layers.Layer
@@ -48,6 +51,7 @@ class Block:
     permutation: tuple | None = None
     canonical_shape: tuple | None = None
     bias_permutation: tuple | None = None
+    mean_scale: float = 1.0
 
     @property
     def variables(self):
@@ -418,8 +422,30 @@ def _bias_permutation(bias_axes, output_axes, units, rank):
     return tuple([a for a in range(rank) if a not in positions] + positions)
 
 
+class ConvTransposeRule(Rule):
+    """`Conv1DTranspose`/`2D`/`3D`, either data format: the kernel
+    `(*spatial, out, in)`, its last two axes swapped into the canonical
+    layout; statistics per input channel over batch and space. With
+    strides `s`, each kernel entry reaches `1 / prod(s)` of the output
+    positions, so the gradients are centred on `mean / prod(s)`: exact in
+    the interior for `strides=1` only (see `docs/layer_rules.md`)."""
+
+    layer_types = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                   keras.layers.Conv3DTranspose)
+
+    def blocks(self, layer):
+        weights = _trainable(layer)
+        kernel = weights["kernel"]
+        rank = len(kernel.shape)
+        return [Block(
+            layer, kernel, weights.get("bias"), kernel.shape[-1],
+            channel_axis=_channel_axis(layer),
+            permutation=(*range(rank - 2), rank - 1, rank - 2),
+            mean_scale=1.0 / math.prod(layer.strides))]
+
+
 RULES = (DenseRule(), ConvRule(), DepthwiseRule(), SeparableRule(),
-         EinsumDenseRule(), MultiHeadAttentionRule())
+         ConvTransposeRule(), EinsumDenseRule(), MultiHeadAttentionRule())
 
 
 def rule_for(layer):

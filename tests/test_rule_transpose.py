@@ -1,0 +1,157 @@
+"""The rule for transposed convolutions (`rules.ConvTransposeRule`)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_allclose
+from helpers import assert_statistics_match
+from helpers import shifted_inputs
+from helpers import skip_without_channels_first_conv2d
+from test_optimizer import _custom_step
+
+import keras_bnp
+from keras_bnp import _reference
+from keras_bnp import coverage
+from keras_bnp import rules
+
+T1, T2, T3 = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+              keras.layers.Conv3DTranspose)
+# name: (layer factory, input shape without batch, channel axis)
+LAYERS = {
+    "1d_valid": (lambda: T1(3, 3), (5, 2), -1),
+    "1d_dilated_same_no_bias": (
+        lambda: T1(2, 3, dilation_rate=2, padding="same", use_bias=False),
+        (6, 3), -1),
+    "2d_strided_same": (lambda: T2(3, 3, strides=2, padding="same"),
+                        (3, 4, 2), -1),
+    "2d_strided_output_padding_no_bias": (
+        lambda: T2(2, 3, strides=2, output_padding=1, use_bias=False),
+        (3, 3, 3), -1),
+    "2d_channels_first": (
+        lambda: T2(2, 2, strides=2, data_format="channels_first"),
+        (3, 3, 4), 1),
+    "3d_valid": (lambda: T3(2, 2), (2, 3, 2, 2), -1),
+    "3d_strided_channels_first": (
+        lambda: T3(2, 2, strides=(1, 2, 2), padding="same",
+                   data_format="channels_first"),
+        (2, 2, 3, 2), 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_many_steps_match_numpy_reference(name):
+    factory, input_shape, channel_axis = LAYERS[name]
+    layer = factory()
+    if channel_axis == 1 and not isinstance(layer, T3):
+        skip_without_channels_first_conv2d()
+    model = keras.Sequential([keras.Input(input_shape), layer])
+    learning_rate, momentum, epsilon, beta = 0.05, 0.9, 0.05, 0.9
+    optimizer = keras_bnp.BNP(learning_rate, momentum=momentum,
+                              epsilon=epsilon, statistics_momentum=beta)
+    rng = np.random.default_rng(0)
+    stats = _reference.RawMomentStatistics(input_shape[channel_axis], beta)
+    sgd = _reference.SGDMomentum(learning_rate, momentum)
+    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
+    for _ in range(40):
+        batch = int(rng.integers(1, 4))
+        x = shifted_inputs(rng, (batch, *input_shape), channel_axis)
+        cotangent = rng.normal(
+            size=model.compute_output_shape(x.shape)).astype("float32")
+        grads = _custom_step(model, optimizer, x, cotangent)
+
+        stats.update([x], channel_axis)
+        new_grads = _reference.precondition_transposed(
+            grads[0], grads[1] if layer.use_bias else None,
+            stats.mean, stats.variance,
+            _reference.damping(stats.mean, stats.variance, epsilon),
+            layer.strides)
+        weights = [sgd.update(i, w, g)
+                   for i, (w, g) in enumerate(zip(weights, new_grads))]
+        assert_statistics_match(optimizer, layer, stats)
+    for actual, want in zip(layer.trainable_weights, weights):
+        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
+                        rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_size,padding", [(3, "valid"), (4, "same")])
+def test_mean_term_is_constant_in_the_interior_only_at_stride_1(
+        kernel_size, padding):
+    # The derivation's premise: a constant input mu gives, away from the
+    # borders, sum_{k,c} mu_c W[k, o, c] at stride 1, but at stride 2 a
+    # pattern of period 2 (each output position gets the taps of its phase
+    # only), so no bias can absorb it; its mean over the positions, which
+    # the bias takes, is that sum / 2 (kernel 3 or 4 splits into two
+    # phases).
+    mean = np.array([40.0, -3.0], "float32")
+    x = np.broadcast_to(mean, (1, 12, 2))
+    for strides in (1, 2):
+        layer = T1(2, kernel_size, strides=strides, padding=padding,
+                   use_bias=False)
+        interior = layer(x).numpy()[0, kernel_size:-kernel_size]
+        all_taps = np.einsum("koc,c->o", layer.kernel.numpy(), mean)
+        if strides == 1:
+            assert_allclose(interior, np.broadcast_to(all_taps, interior.shape),
+                            atol=1e-4, rtol=1e-5)
+        else:
+            even, odd = interior[0::2], interior[1::2]
+            assert_allclose(even, np.broadcast_to(even[0], even.shape),
+                            atol=1e-4, rtol=1e-5)
+            assert_allclose(odd, np.broadcast_to(odd[0], odd.shape),
+                            atol=1e-4, rtol=1e-5)
+            assert_allclose((even[0] + odd[0]) / 2, all_taps / 2, atol=1e-4,
+                            rtol=1e-5)
+            assert np.abs(even[0] - odd[0]).min() > 1e-2
+
+
+class VAE(keras_bnp.BNPMixin, keras.Model):
+    """The keras-io VAE (`coverage.vae`) with its custom `train_step`,
+    inside BNP's capture."""
+
+    def __init__(self, filters=(8, 16), **kwargs):
+        super().__init__(**kwargs)
+        parts = coverage.vae(filters=filters)
+        self.encoder = parts.get_layer("encoder")
+        self.decoder = parts.get_layer("decoder")
+
+    def call(self, images):
+        return self.decoder(self.encoder(images)[2])
+
+    def train_step(self, images):
+        with self.optimizer.capture(self):
+            with tf.GradientTape() as tape:
+                loss = self.loss_of(images)
+            grads = tape.gradient(loss, self.trainable_weights)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        return {"loss": loss}
+
+    def loss_of(self, images):
+        """The negative ELBO: reconstruction cross-entropy plus KL."""
+        z_mean, z_log_var, z = self.encoder(images)
+        reconstruction = keras.ops.sum(keras.losses.binary_crossentropy(
+            images, self.decoder(z)), axis=(1, 2))
+        kl = -0.5 * keras.ops.sum(
+            1 + z_log_var - z_mean**2 - keras.ops.exp(z_log_var), axis=1)
+        return keras.ops.mean(reconstruction + kl)
+
+
+def test_vae_trains_with_every_kernel_preconditioned():
+    # The keras-io VAE pattern: a custom train_step inside BNP's capture;
+    # every kernel has a rule, and the decoder's transposed convolutions
+    # have statistics after `fit`.
+    model = VAE()
+    model.compile(optimizer=keras_bnp.BNP(1e-3))
+    rng = np.random.default_rng(0)
+    images = (rng.uniform(size=(32, 28, 28, 1)) < 0.2).astype("float32")
+    history = model.fit(images, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    kernels = {id(v) for layer in model._flatten_layers()
+               for v in layer.trainable_weights if "kernel" in v.path}
+    covered = {id(block.kernel) for layer in model._flatten_layers()
+               for block in rules.blocks(layer)}
+    assert covered == kernels
+    for layer in model.decoder.layers:
+        if isinstance(layer, T2):
+            _, variance = model.optimizer.layer_statistics(layer)
+            assert variance.shape == (layer.kernel.shape[-1],)
+            assert np.all(np.isfinite(variance)) and np.all(variance > 0)
