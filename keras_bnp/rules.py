@@ -294,9 +294,13 @@ class EinsumDenseRule(Rule):
     equation whose kernel axes are each contracted with the input or in the
     output only: features are the contracted axes, statistics pool over
     every other input axis, units are the kernel's output axes. The bias
-    takes the centring when it spans exactly the kernel's output axes."""
+    takes the centring when it spans exactly the kernel's output axes.
+    Not scaled by the initial scaling: in attention, scaling the query and
+    key projections would change the softmax's temperature (measured to
+    stall a small BERT classifier; see docs/layer_rules.md)."""
 
     layer_types = (keras.layers.EinsumDense,)
+    scaled = False
 
     def record(self, layer, call, args, kwargs, records):
         """Records the input, with the Keras mask that a calling

@@ -262,24 +262,27 @@ def test_attention_projections_statistics_in_fit(jit_compile):
         assert_statistics_match(model.optimizer, layer, stats)
 
 
-def test_initial_scaling_scales_each_attention_layers_projections():
-    # Two MultiHeadAttention layers: projections of the same names.
+def test_initial_scaling_leaves_attention_projections_as_they_are():
+    # Scaling the query and key projections would change the attention
+    # logits' scale (softmax temperature); the Dense layers are scaled.
     inputs = keras.Input((5, 8))
-    first = keras.layers.MultiHeadAttention(2, 4)
-    second = keras.layers.MultiHeadAttention(2, 4)
-    hidden = first(inputs, inputs)
-    model = keras_bnp.BNPModel(inputs, second(hidden, hidden))
-    projections = [layer for attention in (first, second) for layer in (
-        attention._query_dense, attention._key_dense,
-        attention._value_dense, attention._output_dense)]
+    attention = keras.layers.MultiHeadAttention(2, 4)
+    dense = keras.layers.Dense(8)
+    model = keras_bnp.BNPModel(inputs, dense(attention(inputs, inputs)))
+    projections = [attention._query_dense, attention._key_dense,
+                   attention._value_dense, attention._output_dense]
     before = [layer.kernel.numpy() for layer in projections]
+    dense_before = dense.kernel.numpy()
     x = realistic_inputs(np.random.default_rng(0), (16, 5, 8))
+    want_variance = np.var(model(x).numpy(), dtype=np.float64)
     scales = keras_bnp.scale_to_unit_variance(model, x)
-    assert sorted(scales) == sorted(layer.path for layer in projections)
+    assert list(scales) == [dense.name]
     for layer, kernel in zip(projections, before):
-        assert scales[layer.path] != 1.0
-        assert_allclose(layer.kernel, scales[layer.path] * kernel, rtol=1e-6)
-
+        np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+    assert_allclose(scales[dense.name], 1.0 / np.sqrt(want_variance),
+                    rtol=1e-5)
+    assert_allclose(dense.kernel, scales[dense.name] * dense_before,
+                    rtol=1e-6)
 
 
 def test_attention_statistics_survive_saving(tmp_path):
