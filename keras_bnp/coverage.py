@@ -30,7 +30,8 @@ from keras_bnp import _cli
 # Above this share of a model's trainable kernel parameters left to the
 # inner optimizer, the first `fit` with BNP warns.
 WARNING_SHARE = 0.1
-_PATH_WIDTH = 56
+# The widest the path column gets; narrower when every path is shorter.
+_PATH_WIDTH = 96
 _CLASS_WIDTH = 20
 _NO_VARIABLES = ("The model has no variables yet: build it first (give it an "
                  "`Input`, call it on data, or call `model.build(shape)`).")
@@ -161,9 +162,11 @@ class Coverage:
             return _NO_VARIABLES
         lines = []
         if variables:
-            lines.append(_columns("variable", "layer", "params", "rule"))
+            width = min(_PATH_WIDTH, max(len(row.path) for row in self.rows))
+            lines.append(_columns("variable", "layer", "params", "rule",
+                                  width))
             lines += [_columns(row.path, row.layer_class, row.params,
-                               row.rule) for row in self.rows]
+                               row.rule, width) for row in self.rows]
             lines.append("")
         lines.append(f"{'layer class':<28} {'variables':>9} {'params':>13}"
                      f" {'preconditioned':>15}")
@@ -192,11 +195,13 @@ def _size(rows):
     return sum(row.params for row in rows)
 
 
-def _columns(path, layer_class, params, rule):
-    """A line of the table, long paths and class names cut in the middle."""
+def _columns(path, layer_class, params, rule, width):
+    """A line of the table, paths longer than `width` and long class names
+    cut in the middle."""
     if isinstance(params, int):
         params = f"{params:,}"
-    return (f"{shorten(path, _PATH_WIDTH):<{_PATH_WIDTH}} "
+    width = max(width, len("variable"))
+    return (f"{shorten(path, width):<{width}} "
             f"{shorten(layer_class, _CLASS_WIDTH):<{_CLASS_WIDTH}} "
             f"{params:>11}  {rule}").rstrip()
 
