@@ -18,6 +18,8 @@ import dataclasses
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src import tree
+from keras.src.backend.common import masking
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,8 +76,10 @@ class Block:
             grad_bias = tf.reshape(grads[1], (-1,))
         return grad_kernel, grad_bias
 
-    def scatter(self, grad_kernel, grad_bias):
-        """The gradients of `variables` from the canonical ones."""
+    def scatter(self, grad_kernel, grad_bias, grads):
+        """The gradients of `variables` from the canonical ones (`grads`:
+        those `gather` read, for a block that preconditions only part of a
+        variable)."""
         if self.permutation is not None:
             shape = [self.kernel.shape[axis] for axis in self.permutation]
             grad_kernel = tf.transpose(tf.reshape(grad_kernel, shape),
@@ -147,7 +151,211 @@ class ConvRule(Rule):
             channel_axis=_channel_axis(layer))]
 
 
-RULES = (DenseRule(), ConvRule())
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackedBlock(Block):
+    """A block whose canonical kernel stacks, along the fan-in, the columns
+    `columns` of several kernels `kernels` (`kernel` is the first: the
+    optimizer knows a block by it), and whose bias is those columns of row
+    `bias_row` of `bias` (of all of it for `None`). Its features are
+    `record[feature]`, channels last.
+
+    Like a Dense layer whose input is the concatenation of the kernels'
+    inputs: `x W + h U + b = [x; h] [W; U] + b`. Where it covers only part
+    of a variable, `scatter` writes that part into the gradient `gather`
+    read, so the variable's other blocks keep theirs.
+    """
+
+    kernels: tuple = ()
+    columns: slice = dataclasses.field(default_factory=lambda: slice(None))
+    bias_row: int | None = None
+    feature: str = ""
+
+    @property
+    def variables(self):
+        return self.kernels + (() if self.bias is None else (self.bias,))
+
+    def features(self, record):
+        return record[self.feature], -1
+
+    def gather(self, grads):
+        grad_kernel = tf.concat(
+            [grad[:, self.columns] for grad in grads[:len(self.kernels)]], 0)
+        grad_bias = None
+        if self.bias is not None and grads[-1] is not None:
+            grad_bias = grads[-1]
+            if self.bias_row is not None:
+                grad_bias = grad_bias[self.bias_row]
+            grad_bias = grad_bias[self.columns]
+        return grad_kernel, grad_bias
+
+    def scatter(self, grad_kernel, grad_bias, grads):
+        parts = tf.split(grad_kernel, [k.shape[0] for k in self.kernels], 0)
+        new_grads = [self._placed(grad, part)
+                     for grad, part in zip(grads, parts)]
+        if self.bias is not None:
+            new_grads.append(None if grad_bias is None else self._placed(
+                grads[-1], grad_bias, self.bias_row))
+        return new_grads
+
+    def _placed(self, grad, part, row=None):
+        """`grad` with `part` in its `columns` (of row `row`)."""
+        target = grad if row is None else grad[row]
+        start, stop, _ = self.columns.indices(target.shape[-1])
+        target = tf.concat([target[..., :start], part, target[..., stop:]],
+                           -1)
+        if row is None:
+            return target
+        return tf.concat([grad[:row], target[None], grad[row + 1:]], 0)
+
+
+_CELLS = (keras.layers.SimpleRNNCell, keras.layers.LSTMCell,
+          keras.layers.GRUCell)
+
+
+class RecurrentRule(Rule):
+    """`SimpleRNN`, `LSTM`, `GRU`, and `RNN` of one of their cells (also
+    the two layers inside `Bidirectional`).
+
+    At step t the input kernel `(in, k * units)` multiplies the input x_t
+    and the recurrent kernel `(units, k * units)` the previous output
+    h_{t-1}, and one bias is added: one `StackedBlock` on [x_t; h_{t-1}].
+    A GRU with `reset_after=True` has an input and a recurrent bias: one
+    block per kernel, each with its bias row. With `reset_after=False`, the
+    candidate's recurrent kernel multiplies r_t * h_{t-1} (r_t the reset
+    gate): a block of the gates' columns on [x_t; h_{t-1}] and one of the
+    candidate's on [r_t * h_{t-1}; x_t]. Statistics pool batch and time
+    steps, without masked steps. The layer's returned sequence gives
+    h_{t-1} (see `record`). Derivation: docs/layer_rules.md.
+    """
+
+    layer_types = (keras.layers.RNN,)
+    scaled = False
+    kernel_names = ("kernel", "recurrent_kernel")
+
+    def blocks(self, layer):
+        cell = layer.cell
+        if not isinstance(cell, _CELLS):
+            return []
+        weights = _trainable(layer)
+        kernel, recurrent = weights["kernel"], weights["recurrent_kernel"]
+        bias = weights.get("bias")
+        both = kernel.shape[0] + recurrent.shape[0]
+        if not isinstance(cell, keras.layers.GRUCell):
+            return [StackedBlock(layer, kernel, bias, both,
+                                 kernels=(kernel, recurrent),
+                                 feature="stacked")]
+        if cell.reset_after:
+            return [
+                StackedBlock(layer, kernel, bias, kernel.shape[0],
+                             name="input", kernels=(kernel,), bias_row=0,
+                             feature="input"),
+                StackedBlock(layer, recurrent, bias, recurrent.shape[0],
+                             name="recurrent", kernels=(recurrent,),
+                             bias_row=1, feature="recurrent"),
+            ]
+        candidate = slice(2 * cell.units, None)
+        return [
+            StackedBlock(layer, kernel, bias, both, name="gates",
+                         kernels=(kernel, recurrent),
+                         columns=slice(0, 2 * cell.units),
+                         feature="stacked"),
+            StackedBlock(layer, recurrent, bias, both, name="candidate",
+                         kernels=(recurrent, kernel), columns=candidate,
+                         feature="candidate"),
+        ]
+
+    def record(self, layer, call, args, kwargs, records):
+        """Calls the layer, recording per call the features of its blocks.
+
+        The layer's time loop (`inner_loop`) runs with `return_sequences`
+        on, which changes neither its last output nor its states, so the
+        layer returns what it would; the loop's arguments give the initial
+        state actually used (`initial_state`, a stateful layer's states or
+        zeros) and the mask.
+        """
+        if not isinstance(layer.cell, _CELLS):
+            return call(*args, **kwargs)
+        loops = []
+        inner_loop = layer.inner_loop
+
+        def recording_loop(sequences, initial_state, mask, training=False):
+            # Read before the loop: a stateful layer's state is a variable,
+            # which the layer assigns after it.
+            initial_output = tf.identity(initial_state[0])
+            return_sequences = layer.return_sequences
+            layer.return_sequences = True
+            try:
+                result = inner_loop(sequences=sequences,
+                                    initial_state=initial_state, mask=mask,
+                                    training=training)
+            finally:
+                layer.return_sequences = return_sequences
+            loops.append((sequences, initial_output, mask, result[1]))
+            return result
+
+        layer.__dict__["inner_loop"] = recording_loop
+        try:
+            outputs = call(*args, **kwargs)
+        finally:
+            del layer.__dict__["inner_loop"]
+        records.extend(_recurrent_features(layer.cell, layer.go_backwards,
+                                           *loop) for loop in loops)
+        return outputs
+
+
+def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
+                        outputs):
+    """`{feature name: (batch, time, features)}` of one call, in the order
+    the steps ran, each with the Keras mask of the steps that ran
+    unmasked."""
+    # A new tensor: the mask set below must not replace the input's.
+    inputs = tf.identity(tf.cast(sequences, outputs.dtype))
+    if tree.is_nested(mask):
+        mask = mask[0]
+    if mask is not None:
+        mask = tf.cast(mask, tf.bool)
+    if go_backwards:
+        inputs = tf.reverse(inputs, [1])
+        mask = None if mask is None else tf.reverse(mask, [1])
+    previous = _previous_outputs(
+        outputs, tf.cast(initial_output, outputs.dtype), mask)
+    features = {"input": inputs, "recurrent": previous,
+                "stacked": tf.concat([inputs, previous], -1)}
+    if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
+        units = slice(cell.units, 2 * cell.units)
+        reset = (tf.matmul(inputs, tf.cast(cell.kernel[:, units],
+                                           inputs.dtype))
+                 + tf.matmul(previous, tf.cast(
+                     cell.recurrent_kernel[:, units], inputs.dtype)))
+        if cell.use_bias:
+            reset += tf.cast(cell.bias[units], inputs.dtype)
+        reset = cell.recurrent_activation(reset)
+        features["candidate"] = tf.concat([reset * previous, inputs], -1)
+    if mask is not None:
+        for tensor in features.values():
+            masking.set_keras_mask(tensor, mask)
+    return features
+
+
+def _previous_outputs(outputs, initial_output, mask):
+    """h_{t-1} for each step t of `outputs` (batch, time, units), steps in
+    the order they ran: the output of the last step before t that `mask`
+    (batch, time) keeps, or `initial_output` if none. Masked steps' outputs
+    are not used (Keras repeats the last output there, cuDNN writes 0)."""
+    initial = initial_output[:, None]
+    if mask is None:
+        return tf.concat([initial, outputs[:, :-1]], 1)
+    steps = tf.range(tf.shape(outputs)[1])
+    # Each row's kept steps first, in order.
+    kept = tf.argsort(tf.where(mask, steps, steps + tf.shape(outputs)[1]),
+                      axis=1, stable=True)
+    before = tf.cumsum(tf.cast(mask, tf.int32), axis=1, exclusive=True)
+    last = tf.gather(kept, tf.maximum(before - 1, 0), batch_dims=1)
+    return tf.gather(tf.concat([initial, outputs], 1),
+                     tf.where(before > 0, last + 1, 0), batch_dims=1)
+
+
+RULES = (DenseRule(), ConvRule(), RecurrentRule())
 
 
 def rule_for(layer):
