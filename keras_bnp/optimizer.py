@@ -69,6 +69,8 @@ class _Slot:
     moving_mean: keras.Variable
     moving_variance: keras.Variable
     moving_count: keras.Variable
+    # Keys of all the block's variables (a block may hold several kernels).
+    variable_keys: tuple = ()
 
     FIELDS = ("moving_mean", "moving_variance", "moving_count")
 
@@ -348,6 +350,7 @@ class BNP(keras.optimizers.Optimizer):
                 moving_count=self._statistics_variable(
                     (), "zeros", f"{name}_moving_count"
                 ),
+                variable_keys=tuple(_key(v) for v in block.variables),
             )
         self.__dict__["_model"] = weakref.ref(model)
         self.__dict__["_places"] = None
@@ -636,7 +639,7 @@ class BNP(keras.optimizers.Optimizer):
                          f"{channels:>6}{slot.groups:>7}  {rule}")
         if self.built:
             preconditioned = {k for s in self._slots.values()
-                              for k in (s.kernel_key, s.bias_key)}
+                              for k in s.variable_keys}
             others = [v for v in self._trainable_variables
                       if _key(v) not in preconditioned]
             lines.append(f"{len(others)} other trainable variables: inner "

@@ -106,6 +106,10 @@ class Rule:
     scaled = True
     kernel_names = ("kernel",)
 
+    def handles(self, layer):
+        """Whether this rule knows `layer`'s kernels (beyond its type)."""
+        return True
+
     def blocks(self, layer):
         """The `Block`s of a built layer with a trainable kernel."""
         raise NotImplementedError
@@ -232,10 +236,11 @@ class RecurrentRule(Rule):
     scaled = False
     kernel_names = ("kernel", "recurrent_kernel")
 
+    def handles(self, layer):
+        return isinstance(layer.cell, _CELLS)
+
     def blocks(self, layer):
         cell = layer.cell
-        if not isinstance(cell, _CELLS):
-            return []
         weights = _trainable(layer)
         kernel, recurrent = weights["kernel"], weights["recurrent_kernel"]
         bias = weights.get("bias")
@@ -273,8 +278,6 @@ class RecurrentRule(Rule):
         state actually used (`initial_state`, a stateful layer's states or
         zeros) and the mask.
         """
-        if not isinstance(layer.cell, _CELLS):
-            return call(*args, **kwargs)
         loops = []
         inner_loop = layer.inner_loop
 
@@ -360,13 +363,15 @@ RULES = (DenseRule(), ConvRule(), RecurrentRule())
 
 def rule_for(layer):
     """The rule of `layer`'s kind, or `None` when BNP does not precondition
-    it (another kind, not trainable, or LoRA-enabled: LoRA trains low-rank
-    factors, not the kernel the statistics fit). A layer that is an
+    it (another kind, one its rule does not handle, not trainable, or
+    LoRA-enabled: LoRA trains low-rank factors, not the kernel the
+    statistics fit). A layer that is an
     instance of several rules' kinds (a user class mixing them) has
     none: its kernel's layout is unknown."""
     if not layer.trainable or getattr(layer, "lora_enabled", False):
         return None
-    rules = [rule for rule in RULES if isinstance(layer, rule.layer_types)]
+    rules = [rule for rule in RULES if isinstance(layer, rule.layer_types)
+             and rule.handles(layer)]
     return rules[0] if len(rules) == 1 else None
 
 

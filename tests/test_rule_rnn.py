@@ -11,6 +11,7 @@ from helpers import shifted_inputs
 
 import keras_bnp
 from keras_bnp import _reference
+from keras_bnp import rules
 
 STEPS, FEATURES = 5, 3
 L = keras.layers
@@ -214,3 +215,80 @@ def test_many_steps_match_numpy_reference(name):
                                 reference["weights"]):
             assert_allclose(actual, want, atol=1e-4 * np.abs(want).max(),
                             rtol=1e-3)
+
+
+def _text_classifier(model_class=keras_bnp.BNPModel):
+    """keras-io's bidirectional LSTM classifier, small, with padding
+    masked (`mask_zero`)."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((8,), dtype="int32")
+    x = L.Embedding(50, 6, mask_zero=True)(tokens)
+    x = L.Bidirectional(L.LSTM(4, return_sequences=True))(x)
+    x = L.Bidirectional(L.GRU(4, reset_after=False))(x)
+    return model_class(tokens, L.Dense(2)(x))
+
+
+def _tokens(rng, batch):
+    tokens = rng.integers(1, 50, (batch, 8))
+    return np.where(np.arange(8) < rng.integers(2, 9, (batch, 1)), tokens, 0)
+
+
+def test_recording_leaves_outputs_unchanged():
+    # The time loop runs with `return_sequences` on while BNP records; the
+    # model's outputs must be those of the plain layers.
+    model = _text_classifier()
+    optimizer = keras_bnp.BNP(initial_scaling=False)
+    optimizer.build(model.trainable_variables)
+    tokens = _tokens(np.random.default_rng(0), 5)
+
+    @tf.function
+    def outputs(record):
+        if not record:
+            return model(tokens, training=True)
+        with optimizer.capture(model):
+            return model(tokens, training=True)
+
+    assert_allclose(outputs(True), outputs(False), atol=0, rtol=0)
+
+
+def test_text_classifier_fits_and_saves_statistics(tmp_path):
+    model = _text_classifier()
+    model.compile(optimizer=keras_bnp.BNP(1e-3, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    rng = np.random.default_rng(0)
+    x = _tokens(rng, 64)
+    y = (x[:, 0] > 25).astype("int32")
+    history = model.fit(x, y, batch_size=16, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    # Four recurrent layers, the GRUs with two blocks each, and the Dense.
+    labels = sorted(s.label for s in model.optimizer._slots.values())
+    assert len(labels) == 7 and sum("/candidate" in x for x in labels) == 2
+    # Initial scaling leaves the recurrent layers as they are.
+    assert list(model.optimizer.initial_scales) == ["dense"]
+    path = tmp_path / "classifier.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    pairs = zip(model._flatten_layers(recursive=True),
+                restored._flatten_layers(recursive=True))
+    for layer, twin in pairs:
+        for block in rules.blocks(layer):
+            for a, b in zip(
+                    model.optimizer.layer_statistics(layer, block.name or None),
+                    restored.optimizer.layer_statistics(
+                        twin, block.name or None)):
+                np.testing.assert_array_equal(a, b)
+    assert int(restored.optimizer.iterations) == 4
+
+
+def test_other_cells_are_left_to_the_inner_optimizer():
+    # Stacked cells: no rule (their kernels' layout is not one cell's).
+    layer = L.RNN([L.LSTMCell(3), L.GRUCell(2)])
+    model = keras_bnp.BNPSequential([keras.Input((4, 3)), layer, L.Dense(2)])
+    model.compile(optimizer=keras_bnp.BNP(1e-3), loss="mse")
+    x = shifted_inputs(np.random.default_rng(0), (8, 4, 3))
+    before = [w.numpy() for w in layer.weights]
+    model.fit(x, np.ones((8, 2)), batch_size=4, verbose=0)
+    assert rules.rule_for(layer) is None
+    assert [s.label for s in model.optimizer._slots.values()] == ["dense"]
+    assert all(np.any(a != w.numpy()) for a, w in zip(before, layer.weights))
