@@ -285,6 +285,8 @@ class RecurrentRule(Rule):
             # Read before the loop: a stateful layer's state is a variable,
             # which the layer assigns after it.
             initial_output = tf.identity(initial_state[0])
+            dropout = _dropout_masks(layer.cell) if training else (None,
+                                                                   None)
             return_sequences = layer.return_sequences
             layer.return_sequences = True
             try:
@@ -293,7 +295,8 @@ class RecurrentRule(Rule):
                                     training=training)
             finally:
                 layer.return_sequences = return_sequences
-            loops.append((sequences, initial_output, mask, result[1]))
+            loops.append((sequences, initial_output, mask, result[1],
+                          dropout))
             return result
 
         layer.__dict__["inner_loop"] = recording_loop
@@ -306,11 +309,23 @@ class RecurrentRule(Rule):
         return outputs
 
 
+def _dropout_masks(cell):
+    """The cell's dropout masks of its input and of h_{t-1} (`None`
+    where it drops nothing, or drops with one mask per gate), as set
+    before the time loop: the same for every step of a call."""
+    masks = []
+    for rate, name in ((cell.dropout, "_dropout_mask"),
+                       (cell.recurrent_dropout, "_recurrent_dropout_mask")):
+        mask = getattr(cell, name, None)
+        masks.append(mask if 0 < rate < 1 and tf.is_tensor(mask) else None)
+    return masks
+
+
 def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
-                        outputs):
+                        outputs, dropout):
     """`{feature name: (batch, time, features)}` of one call, in the order
     the steps ran, each with the Keras mask of the steps that ran
-    unmasked."""
+    unmasked; `dropout`: the masks that multiply the input and h_{t-1}."""
     # A new tensor: the mask set below must not replace the input's.
     inputs = tf.identity(tf.cast(sequences, outputs.dtype))
     if tree.is_nested(mask):
@@ -322,6 +337,10 @@ def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
         mask = None if mask is None else tf.reverse(mask, [1])
     previous = _previous_outputs(
         outputs, tf.cast(initial_output, outputs.dtype), mask)
+    if dropout[0] is not None:
+        inputs *= tf.cast(dropout[0], inputs.dtype)[:, None]
+    if dropout[1] is not None:
+        previous *= tf.cast(dropout[1], inputs.dtype)[:, None]
     features = {"input": inputs, "recurrent": previous,
                 "stacked": tf.concat([inputs, previous], -1)}
     if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:

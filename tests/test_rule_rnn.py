@@ -292,3 +292,28 @@ def test_other_cells_are_left_to_the_inner_optimizer():
     assert rules.rule_for(layer) is None
     assert [s.label for s in model.optimizer._slots.values()] == ["dense"]
     assert all(np.any(a != w.numpy()) for a, w in zip(before, layer.weights))
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: L.SimpleRNN(3, dropout=0.5, recurrent_dropout=0.5),
+    lambda: L.LSTM(3, dropout=0.5),
+    lambda: L.GRU(3, dropout=0.5, reset_after=False),
+], ids=["simple_rnn", "lstm", "gru_reset_before"])
+def test_statistics_are_of_the_dropped_inputs(layer):
+    # Each input channel c is constant, and dropout keeps it (times 2) or
+    # zeroes it per example, the same at every step: whatever the share p
+    # kept, the mean is 2cp and the variance 4c^2 p (1 - p) = mean (2c -
+    # mean). The undropped inputs would have variance 0.
+    layer = layer()
+    model = keras_bnp.BNPSequential([keras.Input((STEPS, FEATURES)), layer])
+    model.compile(optimizer=keras_bnp.BNP(
+        1e-3, statistics_momentum=0.0, initial_scaling=False), loss="mse")
+    constant = np.array([20.0, -3.0, 0.5], "float32")
+    x = np.broadcast_to(constant, (64, STEPS, FEATURES))
+    model.fit(x, np.zeros((64, 3)), batch_size=64, verbose=0)
+    block = "gates" if isinstance(layer, L.GRU) else None
+    mean, variance = model.optimizer.layer_statistics(layer, block)
+    mean, variance = mean[:FEATURES], variance[:FEATURES]
+    assert np.all(variance > 0.1 * constant**2)
+    assert_allclose(variance, mean * (2 * constant - mean), rtol=1e-4,
+                    atol=1e-4)
