@@ -89,12 +89,20 @@ for options in ({}, {"initial_scaling": False}):
     model = build()
     model.compile(optimizer=keras_bnp.BNP(args.learning_rate, momentum=0.9,
                                           **options), loss=LOSS)
-    history = model.fit(x, y, batch_size=args.batch_size, epochs=3,
-                        verbose=0)
+    recurrent = keras.Model(model.inputs, model.layers[2].output)
+    spreads = [(np.std(recurrent(x[:64])), np.std(model(x[:64])))]
+    losses = []
+    for _ in range(3):
+        history = model.fit(x, y, batch_size=args.batch_size, verbose=0)
+        losses.append(history.history["loss"][0])
+        spreads.append((np.std(recurrent(x[:64])), np.std(model(x[:64]))))
     print(f"BNP({args.learning_rate:g}, momentum=0.9, {options}): fit "
           f"{len(x) // args.batch_size} steps per epoch, loss per epoch "
-          + ", ".join(f"{loss:.4f}" for loss in history.history["loss"])
-          + f"; initial scales {model.optimizer.initial_scales}")
+          + ", ".join(f"{loss:.4f}" for loss in losses)
+          + f"; initial scales {model.optimizer.initial_scales}; standard "
+          "deviation of the last LSTM layer's outputs and of the logits "
+          "before and after each epoch: "
+          + ", ".join(f"({a:.3g}, {b:.3g})" for a, b in spreads))
 sgd_model = build(keras.Model)
 sgd_model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9),
                   loss=LOSS)
