@@ -218,7 +218,7 @@ _CELLS = (keras.layers.SimpleRNNCell, keras.layers.LSTMCell,
 
 class RecurrentRule(Rule):
     """`SimpleRNN`, `LSTM`, `GRU`, and `RNN` of one of their cells (also
-    the two layers inside `Bidirectional`).
+    the two layers inside `Bidirectional`; not subclasses of the cells).
 
     At step t the input kernel `(in, k * units)` multiplies the input x_t
     and the recurrent kernel `(units, k * units)` the previous output
@@ -237,7 +237,9 @@ class RecurrentRule(Rule):
     kernel_names = ("kernel", "recurrent_kernel")
 
     def handles(self, layer):
-        return isinstance(layer.cell, _CELLS)
+        # Exactly these cells: a subclass may change what the kernels
+        # multiply.
+        return type(layer.cell) in _CELLS
 
     def blocks(self, layer):
         cell = layer.cell
