@@ -31,8 +31,8 @@ CASES = {
                               {"masked": True}),
     "lstm_stateful": (lambda: L.LSTM(3, stateful=True), {"stateful": True}),
     "gru": (lambda: L.GRU(3), {}),
-    "gru_no_bias_masked": (lambda: L.GRU(3, use_bias=False),
-                           {"masked": True}),
+    "gru_no_bias_unrolled_masked": (
+        lambda: L.GRU(3, use_bias=False, unroll=True), {"masked": True}),
     "gru_reset_before_sequences_masked": (
         lambda: L.GRU(3, reset_after=False, return_sequences=True),
         {"masked": True}),
