@@ -1,8 +1,9 @@
 """keras_bnp: Batch Normalization Preconditioning for Keras 3.
 
 Public API: `BNP` (the optimizer), `BNPMixin` (the training step),
-`BNPModel`, `BNPSequential`, and `scale_to_unit_variance` (the initial
-scaling of the layers).
+`BNPModel`, `BNPSequential`, `scale_to_unit_variance` (the initial
+scaling of the layers), and `coverage` (what BNP preconditions in a model:
+`keras_bnp.coverage.report(model)`).
 """
 
 import sys
@@ -14,6 +15,7 @@ __all__ = [
     "BNPModel",
     "BNPSequential",
     "callbacks",
+    "coverage",
     "scale_to_unit_variance",
     "__version__",
 ]
@@ -34,6 +36,7 @@ def _import_api():
             "before importing keras."
         )
     from keras_bnp import callbacks
+    from keras_bnp import coverage
     from keras_bnp.initialization import scale_to_unit_variance
     from keras_bnp.model import BNPMixin
     from keras_bnp.model import BNPModel
@@ -42,7 +45,7 @@ def _import_api():
 
     globals().update(
         BNP=BNP, BNPMixin=BNPMixin, BNPModel=BNPModel,
-        BNPSequential=BNPSequential, callbacks=callbacks,
+        BNPSequential=BNPSequential, callbacks=callbacks, coverage=coverage,
         scale_to_unit_variance=scale_to_unit_variance,
     )
 

@@ -1,7 +1,10 @@
 """`BNPMixin`: the training step that feeds layer inputs to `BNP`."""
 
+import warnings
+
 import keras
 
+from keras_bnp import coverage
 from keras_bnp import initialization
 from keras_bnp.callbacks import NonFiniteInputWarning
 from keras_bnp.optimizer import find_bnp
@@ -40,9 +43,11 @@ class BNPMixin:
             return super().train_step(data)
 
     def fit(self, *args, **kwargs):
-        # Scales the initial weights (BNP's `initial_scaling`), and adds a
-        # callback that warns (once, at an epoch end) if BNP skipped
-        # statistics updates on NaN/Inf inputs; everything else is Keras'.
+        # Scales the initial weights (BNP's `initial_scaling`), and adds
+        # callbacks that report what BNP preconditions (at the start of a
+        # fresh BNP's first fit) and warn (once, at an epoch end) if BNP
+        # skipped statistics updates on NaN/Inf inputs; everything else is
+        # Keras'.
         bnp = find_bnp(getattr(self, "optimizer", None))
         if bnp is not None:
             x = args[0] if args else kwargs.get("x")
@@ -50,12 +55,13 @@ class BNPMixin:
                        if len(args) > _FIT_VERBOSE_POSITION
                        else kwargs.get("verbose", "auto"))
             self._initial_scaling(bnp, x, print if verbose != 0 else None)
+            added = [_CoverageReport(bnp, verbose), NonFiniteInputWarning()]
             if len(args) > _FIT_CALLBACKS_POSITION:
                 args = list(args)
-                args[_FIT_CALLBACKS_POSITION] = _with_warning(
-                    args[_FIT_CALLBACKS_POSITION])
+                args[_FIT_CALLBACKS_POSITION] = _with(
+                    args[_FIT_CALLBACKS_POSITION], added)
             else:
-                kwargs["callbacks"] = _with_warning(kwargs.get("callbacks"))
+                kwargs["callbacks"] = _with(kwargs.get("callbacks"), added)
         return super().fit(*args, **kwargs)
 
     def _initial_scaling(self, bnp, x, print_fn):
@@ -114,11 +120,36 @@ class BNPMixin:
             bnp.track(self)
 
 
-def _with_warning(callbacks):
+def _with(callbacks, added):
     if isinstance(callbacks, keras.callbacks.CallbackList):
-        callbacks.append(NonFiniteInputWarning())
+        for callback in added:
+            callbacks.append(callback)
         return callbacks
-    return list(callbacks or []) + [NonFiniteInputWarning()]
+    return list(callbacks or []) + added
+
+
+class _CoverageReport(keras.callbacks.Callback):
+    """At the start of a fresh BNP's first `fit`, once the model is built,
+    prints the share BNP preconditions (unless `verbose=0`) and warns with
+    a `CoverageWarning` when more than `coverage.WARNING_SHARE` of the
+    trainable kernel parameters is left to the inner optimizer."""
+
+    def __init__(self, bnp, verbose):
+        super().__init__()
+        self.bnp = bnp
+        self.verbose = verbose
+
+    def on_train_begin(self, logs=None):
+        if (self.bnp.__dict__.get("_coverage_reported")
+                or int(self.bnp.iterations.numpy()) > 0):
+            return
+        self.bnp.__dict__["_coverage_reported"] = True
+        result = coverage.coverage(self.model)
+        if self.verbose != 0:
+            print(result.line())
+        message = result.warning()
+        if message is not None:
+            warnings.warn(message, coverage.CoverageWarning, stacklevel=2)
 
 
 @keras.saving.register_keras_serializable(package="keras_bnp")

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import math
+import os
 import warnings
 import weakref
 
@@ -10,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bnp import coverage
 from keras_bnp import preconditioner
 from keras_bnp import registry
 from keras_bnp import rules
@@ -69,8 +71,6 @@ class _Slot:
     moving_mean: keras.Variable
     moving_variance: keras.Variable
     moving_count: keras.Variable
-    # Keys of all the block's variables (a block may hold several kernels).
-    variable_keys: tuple = ()
 
     FIELDS = ("moving_mean", "moving_variance", "moving_count")
 
@@ -350,10 +350,10 @@ class BNP(keras.optimizers.Optimizer):
                 moving_count=self._statistics_variable(
                     (), "zeros", f"{name}_moving_count"
                 ),
-                variable_keys=tuple(_key(v) for v in block.variables),
             )
         self.__dict__["_model"] = weakref.ref(model)
         self.__dict__["_places"] = None
+        self._restore_deferred_statistics()
         if self.built:
             self._build_inner()
 
@@ -623,30 +623,23 @@ class BNP(keras.optimizers.Optimizer):
         return rows
 
     def summary(self, print_fn=print):
-        """Prints the tracked layers and how each is preconditioned."""
+        """Prints BNP's settings and, for the tracked model, every trainable
+        variable with what BNP does with it, and the shares preconditioned
+        (`keras_bnp.coverage`)."""
         lines = [
             f"BNP '{self.name}': epsilon={self.epsilon:g} "
             f"({'relative' if self.relative_epsilon else 'absolute'}), "
             f"statistics_momentum={self.statistics_momentum:g}, inner "
             f"optimizer {type(self.inner_optimizer).__name__}",
-            f"{'layer':<24}{'class':<10}{'in_ch':>6}{'groups':>7}  rule",
         ]
-        for slot in sorted(self._slots.values(), key=lambda s: s.rank):
-            rule = ("centre + scale kernel and bias" if slot.bias_key
-                    is not None else "scale kernel (no bias)")
-            channels = int(slot.moving_mean.shape[0])
-            lines.append(f"{slot.label:<24}{slot.layer_class:<10}"
-                         f"{channels:>6}{slot.groups:>7}  {rule}")
-        if self.built:
-            preconditioned = {k for s in self._slots.values()
-                              for k in s.variable_keys}
-            others = [v for v in self._trainable_variables
-                      if _key(v) not in preconditioned]
-            lines.append(f"{len(others)} other trainable variables: inner "
-                         "optimizer only.")
-        if not self._slots:
-            lines.append("No layers tracked yet: compile a BNPMixin model "
-                         "with this optimizer and build or train it.")
+        model = self._model and self._model()
+        if model is None:
+            lines.append("No model tracked yet: compile a BNPMixin model "
+                         "with this optimizer and build or train it. "
+                         "`keras_bnp.coverage.report(model)` shows what BNP "
+                         "would precondition in any built model.")
+        else:
+            lines.append(coverage.coverage(model).table())
         print_fn("\n".join(lines))
 
     @property
@@ -683,20 +676,79 @@ class BNP(keras.optimizers.Optimizer):
                 state[f"{path.replace('/', '.')}:{field}"] = variable
         return state
 
+    def _statistics_state(self):
+        """The statistics' entries of `_saved_state`: `{"path:field":
+        variable}`."""
+        own = {id(variable) for variable in self._own_variables()}
+        return {key: variable for key, variable in self._saved_state().items()
+                if id(variable) not in own}
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """BNP's dependencies in TensorFlow's object-based checkpoints
+        (`tf.train.Checkpoint`, `tf.train.CheckpointManager`): each
+        statistic by its `_saved_state` key, i.e. by its layer's path in the
+        model's saved files, so that a model whose layers are created (or
+        built) in another order gets each layer's own statistics back.
+
+        Not Keras' `_variables` and `_trainable_variables`, which TensorFlow
+        tracks as lists, by position: the first in creation order, the
+        second (the model's own variables, which the model checkpoints by
+        name) in the model's order of the process. Matched by position,
+        they would swap the statistics of a reordered model's layers, and
+        where the model's path to a kernel is the longer one, its kernels
+        too. The inner optimizer's state stays positional, in the order of
+        the model's saved files (see `_build_inner`).
+        """
+        children = super()._trackable_children(save_type, **kwargs)
+        children.pop("_variables", None)
+        children.pop("_trainable_variables", None)
+        children.update(self._statistics_state())
+        return children
+
+    def _restore_deferred_statistics(self):
+        """Restores the statistics that a TensorFlow checkpoint restored
+        before they existed (`checkpoint.restore` before the first step)
+        holds for them by name; eagerly, also when their layer was first
+        built inside the traced step."""
+        self._maybe_initialize_trackable()
+        if not self._deferred_dependencies:
+            return
+        with tf.init_scope():
+            for key, variable in self._statistics_state().items():
+                self._handle_deferred_dependencies(name=key, trackable=variable)
+
     def save_own_variables(self, store):
-        for key, variable in self._saved_state().items():
-            store[key] = variable.numpy()
+        # The statistics first and BNP's own variables last, so that a save
+        # interrupted in between never leaves what an unbuilt BNP saves
+        # (only `iteration` and `learning_rate`), which loads as nothing.
+        state = self._saved_state()
+        statistics_keys = set(self._statistics_state())
+        for key in sorted(state, key=lambda key: key not in statistics_keys):
+            store[key] = state[key].numpy()
 
     def load_own_variables(self, store):
+        """Assigns BNP's saved state, after checking all of it: a load that
+        fails assigns nothing."""
         state = self._saved_state()
         saved = set(store.keys())
+        source = _source(store)
+        if not saved:
+            raise ValueError(
+                f"{source or 'The file'} has no saved state for optimizer "
+                f"'{self.name}' (BNP's layer statistics): it was saved from a "
+                "model without an optimizer, or its save was interrupted. To "
+                "load only the layers' weights, load them before compiling "
+                "with BNP, or pass `skip_mismatch=True` to `load_weights`, "
+                "which warns and keeps BNP's state as it is."
+            )
+        where = f" in {source}" if source else ""
         # A BNP saved before it was built (a model never trained) has only
         # Keras' own two variables.
         unbuilt = saved <= {"iteration", "learning_rate"}
         if saved != set(state) and not unbuilt:
             raise ValueError(
-                f"The saved state of optimizer '{self.name}' does not fit "
-                f"this BNP: it has statistics of layers "
+                f"The saved state of optimizer '{self.name}'{where} does not "
+                f"fit this BNP: it has statistics of layers "
                 f"{_layer_keys(saved)} and other variables "
                 f"{sorted(k for k in saved if ':' not in k)}, where this BNP "
                 f"has statistics of layers {_layer_keys(state)} (by their "
@@ -704,8 +756,18 @@ class BNP(keras.optimizers.Optimizer):
                 f"{sorted(k for k in state if ':' not in k)}. Load a file "
                 "saved from the same architecture, compiled with BNP."
             )
-        for key in saved:
-            state[key].assign(store[key])
+        values = {key: np.asarray(store[key]) for key in sorted(saved)}
+        wrong = [f"{key} has shape {value.shape} where this BNP has "
+                 f"{tuple(state[key].shape)}" for key, value in values.items()
+                 if value.shape != tuple(state[key].shape)]
+        if wrong:
+            raise ValueError(
+                f"The saved state of optimizer '{self.name}'{where} does not "
+                f"fit this BNP: {'; '.join(wrong)}. Load a file saved from "
+                "the same architecture, compiled with BNP."
+            )
+        for key, value in values.items():
+            state[key].assign(value)
 
     def get_weights(self):
         """The values of all variables (own, statistics, inner optimizer's),
@@ -848,6 +910,18 @@ def _all_replica_sums(sums):
 
 def _joined(path, name):
     return f"{path}/{name}" if name else path
+
+
+def _source(store):
+    """`'path'` of the file that a Keras weights store reads, where the
+    store tells (a `.weights.h5` file, or a `.keras` archive read by
+    `load_weights`); else `None`."""
+    archive = getattr(store, "archive", None)
+    path = (getattr(archive, "filename", None)
+            or getattr(store, "path_or_io", None))
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    return f"'{os.fspath(path)}'"
 
 
 def _layer_keys(keys):

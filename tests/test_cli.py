@@ -15,6 +15,7 @@ from keras_bnp import experiment
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # command: strings its --help must show (defaults, the extra it needs).
 HELP = {
+    "coverage": ["--models", "--brief", "vgg16 resnet50"],
     "demo": ["--batch-sizes", "(default: 32 2)", "(default: bundled)"],
     "experiment": [
         "(default: 0.001 0.003 0.01 0.03 0.1)", "(default: BNP's own)",

@@ -1,6 +1,7 @@
 """Saving, resuming and exporting BNP models."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -349,6 +350,165 @@ def test_reload_with_layers_created_in_another_order(momentum, tmp_path):
         assert not np.allclose(saved["encoder_mean"], saved["head_mean"])
 
 
+_REORDERED_CHECKPOINT = textwrap.dedent("""
+    import os
+    import sys
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_bnp
+
+
+    def add_layers(owner, reverse):
+        # Two Dense layers of the same shapes: created in the other order,
+        # their creation positions (and names) swap, their attributes, which
+        # checkpoints and Keras files name them by, do not.
+        if reverse:
+            owner.head = keras.layers.Dense(4)
+            owner.encoder = keras.layers.Dense(4, activation="relu")
+        else:
+            owner.encoder = keras.layers.Dense(4, activation="relu")
+            owner.head = keras.layers.Dense(4)
+
+
+    class Block(keras.layers.Layer):
+        def __init__(self, reverse, **kwargs):
+            super().__init__(**kwargs)
+            add_layers(self, reverse)
+
+        def call(self, x):
+            return self.head(self.encoder(x))
+
+
+    class Net(keras_bnp.BNPMixin, keras.Model):
+        # The layers as attributes of the model, or one level down (then
+        # the model's path to a kernel is longer than the optimizer's).
+        def __init__(self, reverse, nested, **kwargs):
+            super().__init__(**kwargs)
+            if nested:
+                self.block = Block(reverse)
+            else:
+                add_layers(self, reverse)
+
+        def call(self, x):
+            block = getattr(self, "block", self)
+            return block.head(block.encoder(x))
+
+
+    def compiled(reverse, nested):
+        model = Net(reverse, nested)
+        model.compile(optimizer=keras_bnp.BNP(inner_optimizer=(
+            keras.optimizers.SGD(0.01, momentum=0.9) if INNER == "sgd"
+            else keras.optimizers.Adam(0.01))), loss="mse")
+        return model
+
+
+    def state(model):
+        bnp = model.optimizer
+        inner = bnp.inner_optimizer
+        slots = ([inner.momentums] if INNER == "sgd"
+                 else [inner._momentums, inner._velocities])
+        arrays = {"iterations": bnp.iterations.numpy()}
+        for name in ("encoder", "head"):
+            layer = getattr(getattr(model, "block", model), name)
+            arrays[name + "_mean"], arrays[name + "_variance"] = (
+                bnp.layer_statistics(layer))
+            arrays[name + "_kernel"] = layer.kernel.numpy()
+            index = inner._get_variable_index(layer.kernel)
+            for i, slot in enumerate(slots):
+                arrays[f"{name}_slot{i}"] = slot[index].numpy()
+        return arrays
+
+
+    directory, INNER, order = sys.argv[1:]
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(32, 4)) * [1, 2, 3, 4] + [5, -5, 0, 9]).astype(
+        "float32")
+    for nested in (False, True):
+        folder = os.path.join(directory, f"nested{nested:d}")
+        if order == "saved":
+            keras.utils.set_random_seed(0)
+            model = compiled(False, nested)
+            model.fit(x, np.zeros((32, 4)), batch_size=8, verbose=0)
+            checkpoint = tf.train.Checkpoint(model=model,
+                                             optimizer=model.optimizer)
+            tf.train.CheckpointManager(checkpoint, folder, 1).save()
+            np.savez(os.path.join(folder, "saved.npz"), **state(model))
+            continue
+        # Restored into the statistics (after the optimizer is built), and
+        # before they exist (TensorFlow restores each one on creation).
+        for when in ("after", "before"):
+            keras.utils.set_random_seed(1)
+            model = compiled(True, nested)
+            model(x[:1])
+            checkpoint = tf.train.Checkpoint(model=model,
+                                             optimizer=model.optimizer)
+            latest = tf.train.latest_checkpoint(folder)
+            if when == "after":
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.track(model)
+            status = checkpoint.restore(latest)
+            if when == "before":
+                model.optimizer.build(model.trainable_variables)
+                model.optimizer.track(model)
+            status.assert_consumed()
+            np.savez(os.path.join(folder, when + ".npz"), **state(model))
+""")
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_tf_checkpoint_restores_each_layer_its_own_state(inner, tmp_path):
+    # A tf.train.Checkpoint (via CheckpointManager) restored in a fresh
+    # process whose model creates its layers in the other order, before
+    # and after the optimizer is built: each layer gets back its own
+    # statistics, kernel and inner optimizer slots (SGD's velocity, Adam's
+    # m and v), bit for bit. Before, TensorFlow matched BNP's statistics by
+    # creation position and swapped them between the layers, and, with the
+    # layers one level down, the kernels too (via the optimizer's list of
+    # the model's variables), without an error.
+    script = tmp_path / "reordered_checkpoint.py"
+    script.write_text(_REORDERED_CHECKPOINT)
+    for order in ("saved", "reversed"):
+        subprocess.run([sys.executable, str(script), str(tmp_path), inner,
+                        order], check=True, timeout=300, env=subprocess_env())
+    for nested in ("nested0", "nested1"):
+        with np.load(tmp_path / nested / "saved.npz") as saved:
+            saved = dict(saved)
+        # The two layers' states differ, so a swap would show.
+        assert not np.allclose(saved["encoder_mean"], saved["head_mean"])
+        assert not np.allclose(saved["encoder_kernel"], saved["head_kernel"])
+        assert len(saved) == 1 + 2 * (3 + (1 if inner == "sgd" else 2))
+        for when in ("after", "before"):
+            with np.load(tmp_path / nested / f"{when}.npz") as loaded:
+                assert sorted(loaded.files) == sorted(saved)
+                for name, value in saved.items():
+                    np.testing.assert_array_equal(
+                        loaded[name], value, err_msg=f"{nested} {when} {name}")
+
+
+@pytest.mark.parametrize("kind", ["sequential", "deferred_sequential"])
+def test_tf_checkpoint_restored_before_the_first_step_resumes(kind, tmp_path):
+    # Restored into a fresh model before any step, so that BNP's variables
+    # are created after the restore (inside the first traced step for the
+    # deferred Sequential's layers), then trained on: the run continues as
+    # if uninterrupted. Before, with the deferred Sequential, a layer's
+    # running mean received the skipped-updates counter's value (matched
+    # by creation position).
+    straight = _straight(kind)
+    model = _compiled(kind)
+    model.fit(X, Y, epochs=1, **FIT)
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+        str(tmp_path / "ckpt"))
+    restored = _compiled(kind)
+    status = tf.train.Checkpoint(
+        model=restored, optimizer=restored.optimizer).restore(path)
+    restored.fit(X, Y, epochs=1, **FIT)
+    status.assert_consumed()
+    _assert_same_state(straight, restored)
+
+
 def test_k_fold_reuse_is_refused_and_leaves_the_first_model_intact(tmp_path):
     # One BNP for the models of two folds: the second is refused before
     # BNP takes any of its layers, so the first still saves and reloads
@@ -457,3 +617,164 @@ def test_state_of_another_optimizer_is_refused(tmp_path):
                        r"\['0', '1'.*statistics of layers \['layers/dense', "
                        r"'layers/dense_1'\]"):
         model.load_weights(tmp_path / "adam.weights.h5")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(written):
+    """A `save_own_variables` that stops after writing `written` of BNP's
+    entries, as an interrupted save (e.g. Ctrl-C, a full disk) does."""
+    save = keras_bnp.BNP.save_own_variables
+
+    def interrupted(self, store):
+        class Store:
+            count = 0
+
+            def __setitem__(self, key, value):
+                if self.count == written:
+                    raise _Interrupted(f"after {written} entries")
+                self.count += 1
+                store[key] = value
+
+        save(self, Store())
+
+    return interrupted
+
+
+def _statistics_values(bnp):
+    return [v.numpy() for _, s in bnp._saved_slots() for v in s.variables]
+
+
+@pytest.mark.parametrize("written", [0, 2, 8])
+def test_weights_file_of_an_interrupted_save_is_refused(written, tmp_path,
+                                                        monkeypatch):
+    # A save interrupted while BNP writes its part leaves a readable
+    # .weights.h5 (Keras writes it in place) with all layers' weights and
+    # some or none of BNP's 9 entries. Loading it is an error that names
+    # the file, and leaves BNP's statistics as they were. Before, with 0 or
+    # 2 entries written, BNP loaded nothing without a word (the inner
+    # optimizer's "Skipping variable loading" warning was the only sign),
+    # and training went on with fresh statistics.
+    model = _straight("sequential", epochs=1)
+    path = tmp_path / "m.weights.h5"
+    monkeypatch.setattr(keras_bnp.BNP, "save_own_variables",
+                        _interrupt_after(written))
+    with pytest.raises(_Interrupted):
+        model.save_weights(path)
+    monkeypatch.undo()
+    loaded = _prepared("sequential")
+    loaded.fit(X[:8], Y[:8], verbose=0)  # statistics not at their start
+    before = _statistics_values(loaded.optimizer)
+    name = loaded.optimizer.name
+    if written == 0:
+        message = (
+            f"'{path}' has no saved state for optimizer '{name}' (BNP's "
+            "layer statistics): it was saved from a model "
+            "without an optimizer, or its save was interrupted. To load only "
+            "the layers' weights, load them before compiling with BNP, or "
+            "pass `skip_mismatch=True` to `load_weights`, which warns and "
+            "keeps BNP's state as it is.")
+    else:
+        message = (
+            f"The saved state of optimizer '{name}' in "
+            f"'{path}' does not fit this BNP: it has statistics of layers "
+            f"{['layers/dense', 'layers/dense_1'][:1 + (written > 3)]}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loaded.load_weights(path)
+    for a, b in zip(_statistics_values(loaded.optimizer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weights_without_optimizer_state_load_with_skip_mismatch(tmp_path):
+    # Weights saved from a model without an optimizer have nothing for BNP:
+    # an error (before, only the inner optimizer's warning); with
+    # `skip_mismatch=True`, Keras' warning, the layers' weights, and BNP's
+    # state as it was.
+    model = _straight("sequential", epochs=1)
+    plain, _ = MODEL_KINDS["sequential"]()
+    plain.set_weights(model.get_weights())
+    path = tmp_path / "plain.weights.h5"
+    plain.save_weights(path)
+    loaded = _prepared("sequential")
+    with pytest.raises(ValueError, match=re.escape(
+            f"'{path}' has no saved state for optimizer "
+            f"'{loaded.optimizer.name}'")):
+        loaded.load_weights(path)
+    loaded = _prepared("sequential")
+    before = _statistics_values(loaded.optimizer)
+    with pytest.warns(UserWarning, match="A total of 1 objects could not be "
+                      "loaded"), pytest.warns(UserWarning, match="Skipping "
+                                              "variable loading"):
+        loaded.load_weights(path, skip_mismatch=True)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_statistics_values(loaded.optimizer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_or_unfinished_files_are_refused(tmp_path, monkeypatch):
+    # What a killed process or a copy cut short leaves: Keras' own errors,
+    # never a partial load. A .keras file whose save stopped in BNP's part
+    # has no weights at all (Keras writes them into the archive last).
+    model = _straight("sequential", epochs=1)
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+    for name in ("m.keras", "m.weights.h5"):
+        data = (tmp_path / name).read_bytes()
+        for fraction in (0.1, 0.5, 0.99):
+            cut = tmp_path / f"cut_{name}"
+            cut.write_bytes(data[:int(len(data) * fraction)])
+            if name == "m.keras":
+                with pytest.raises(ValueError, match=re.escape(
+                        f"File not found: filepath={cut}. Please ensure the "
+                        "file is an accessible `.keras` zip file.")):
+                    keras.models.load_model(cut)
+            else:
+                with pytest.raises(OSError, match=r"^Unable to synchronously "
+                                   r"open file \(truncated file: eof = "):
+                    _compiled("sequential").load_weights(cut)
+    monkeypatch.setattr(keras_bnp.BNP, "save_own_variables",
+                        _interrupt_after(4))
+    with pytest.raises(_Interrupted):
+        model.save(tmp_path / "m.keras")  # over the complete file
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=re.escape(
+            "Expected a model.weights.h5 or model.weights.npz file.")):
+        keras.models.load_model(tmp_path / "m.keras")
+
+
+def test_failed_load_assigns_nothing():
+    # BNP checks every saved entry (names, shapes, readable) before it
+    # assigns any: a load that fails leaves all of its state as it was.
+    # Before, the entries before the faulty one were assigned.
+    model = _straight("sequential", epochs=1)
+    store = {}
+    model.optimizer.save_own_variables(store)
+    other = _prepared("sequential")
+    before = [v.numpy() for v in other.optimizer.variables]
+
+    def unchanged():
+        for variable, value in zip(other.optimizer.variables, before):
+            np.testing.assert_array_equal(variable.numpy(), value)
+
+    wrong = dict(store)
+    wrong["layers.dense_1:moving_variance"] = np.ones(4, "float32")
+    with pytest.raises(ValueError, match=re.escape(
+            f"The saved state of optimizer '{other.optimizer.name}' does not "
+            "fit this BNP: layers.dense_1:moving_variance has shape (4,) "
+            "where this BNP has (5,). Load a file saved from the same "
+            "architecture, compiled with BNP.")):
+        other.optimizer.load_own_variables(wrong)
+    unchanged()
+
+    class Unreadable(dict):
+        def __getitem__(self, key):
+            if key == "layers.dense_1:moving_variance":
+                raise OSError("Can't read data (corrupt)")
+            return super().__getitem__(key)
+
+    with pytest.raises(OSError, match=r"Can't read data \(corrupt\)"):
+        other.optimizer.load_own_variables(Unreadable(store))
+    unchanged()
