@@ -252,3 +252,74 @@ def precondition_transposed(grad_kernel, grad_bias, mean, variance, epsilon,
         np.swapaxes(grad_kernel, -1, -2), grad_bias,
         np.asarray(mean) / np.prod(strides), variance, epsilon)
     return np.swapaxes(kernel, -1, -2), bias
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def recurrent_pass(kind, weights, inputs, mask=None, state=None,
+                   go_backwards=False, reset_after=True, zero_masked=False):
+    """A `SimpleRNN`, `LSTM` or `GRU` pass (Keras' default activations) in
+    float64, step by step from the cells' equations.
+
+    `weights`: `[kernel, recurrent_kernel, bias]` (no bias: two), `state`:
+    the initial states (`[h]`, or `[h, c]` for an LSTM; zeros if `None`),
+    `mask`: `(batch, time)` booleans, a masked step keeping the states.
+    Returns `(rows, outputs, states)`: `rows` is `{"x", "h", "r"}` of the
+    unmasked steps (input, previous output h_{t-1}, and a GRU's reset gate
+    r_t), one row per step; `outputs` per step in the order they ran (a
+    masked step's is 0 with `zero_masked`, else the last output, 0 before
+    any); `states` the final states.
+    """
+    kernel, recurrent = (np.asarray(w, np.float64) for w in weights[:2])
+    bias = (np.asarray(weights[2], np.float64) if len(weights) > 2
+            else np.zeros((2, kernel.shape[1]) if kind == "gru" and
+                          reset_after else kernel.shape[1]))
+    inputs = np.asarray(inputs, np.float64)
+    batch, steps, _ = inputs.shape
+    units = recurrent.shape[0]
+    if mask is None:
+        mask = np.ones((batch, steps), bool)
+    if go_backwards:
+        inputs, mask = inputs[:, ::-1], mask[:, ::-1]
+    if state is None:
+        state = [np.zeros((batch, units))] * (2 if kind == "lstm" else 1)
+    h, *c = [np.asarray(s, np.float64) for s in state]
+    rows = {"x": [], "h": [], "r": []}
+    outputs = np.zeros((batch, steps, units))
+    output = np.zeros((batch, units))
+    for t in range(steps):
+        x = inputs[:, t]
+        keep = mask[:, t][:, None]
+        if kind == "simple_rnn":
+            new_h = np.tanh(x @ kernel + h @ recurrent + bias)
+            new_c = []
+        elif kind == "lstm":
+            z = x @ kernel + h @ recurrent + bias
+            i, f, g, o = np.split(z, 4, axis=1)
+            new_c = [_sigmoid(f) * c[0] + _sigmoid(i) * np.tanh(g)]
+            new_h = _sigmoid(o) * np.tanh(new_c[0])
+        else:
+            w_z, w_r, w_h = np.split(kernel, 3, axis=1)
+            u_z, u_r, u_h = np.split(recurrent, 3, axis=1)
+            b_in, b_rec = bias if reset_after else (bias, 0 * bias)
+            b_z, b_r, b_h = np.split(b_in, 3)
+            c_z, c_r, c_h = np.split(b_rec, 3)
+            update = _sigmoid(x @ w_z + b_z + h @ u_z + c_z)
+            r = _sigmoid(x @ w_r + b_r + h @ u_r + c_r)
+            if reset_after:
+                candidate = np.tanh(x @ w_h + b_h + r * (h @ u_h + c_h))
+            else:
+                candidate = np.tanh(x @ w_h + b_h + (r * h) @ u_h)
+            new_h = update * h + (1 - update) * candidate
+            new_c = []
+            rows["r"].append(r[mask[:, t]])
+        rows["x"].append(x[mask[:, t]])
+        rows["h"].append(h[mask[:, t]])
+        h = np.where(keep, new_h, h)
+        c = [np.where(keep, new, old) for new, old in zip(new_c, c)]
+        output = np.where(keep, new_h, output)
+        outputs[:, t] = np.where(keep, output, 0.0) if zero_masked else output
+    rows = {k: np.concatenate(v) for k, v in rows.items() if v}
+    return rows, outputs, [h, *c]

@@ -333,7 +333,7 @@ def _matching_rules(layer):
     from keras_bnp import rules
 
     return [rule for rule in rules.RULES
-            if isinstance(layer, rule.layer_types)]
+            if isinstance(layer, rule.layer_types) and rule.handles(layer)]
 
 
 def _reason(layer):

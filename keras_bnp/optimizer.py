@@ -581,7 +581,7 @@ class BNP(keras.optimizers.Optimizer):
                 if new_grads[0] is None:
                     continue
                 for index, grad in zip(block_indices,
-                                       block.scatter(*new_grads)):
+                                       block.scatter(*new_grads, block_grads)):
                     if index is not None and grad is not None:
                         grads[index] = grad
             self.assign_add(self._skipped_updates, tf.add_n(skipped))
