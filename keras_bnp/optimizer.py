@@ -199,8 +199,9 @@ class BNP(keras.optimizers.Optimizer):
     every step. With `initial_scaling=True`, `fit` therefore first scales
     each preconditioned layer's kernel and bias once, so that its outputs
     have unit variance on the first 256 training examples
-    (`keras_bnp.scale_to_unit_variance`, LSUV-style). This changes weights,
-    not the architecture.
+    (`keras_bnp.scale_to_unit_variance`, LSUV-style), in call order up to
+    the first recurrent layer or attention projection. This changes
+    weights, not the architecture.
 
     This rule is derived from the description of BNP in Lange et al. (the
     paper's algorithm box was not available to this project); the relative

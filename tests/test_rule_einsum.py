@@ -100,12 +100,12 @@ def test_bias_layout_follows_the_kernels_units():
     block, = rules.blocks(layer)
     kernel = np.arange(36.0).reshape(6, 3, 2)
     bias = np.arange(6.0).reshape(2, 3)
-    canonical_kernel, canonical_bias = block.gather(
-        [tf.constant(kernel), tf.constant(bias)])
+    grads = [tf.constant(kernel), tf.constant(bias)]
+    canonical_kernel, canonical_bias = block.gather(grads)
     # Unit (e, d) is column 2 * e + d of the kernel and bias.
     assert_allclose(canonical_kernel, kernel.reshape(6, 6))
     assert_allclose(canonical_bias, bias.T.reshape(-1))
-    back = block.scatter(canonical_kernel, canonical_bias)
+    back = block.scatter(canonical_kernel, canonical_bias, grads)
     assert_allclose(back[0], kernel)
     assert_allclose(back[1], bias)
 
@@ -262,26 +262,29 @@ def test_attention_projections_statistics_in_fit(jit_compile):
         assert_statistics_match(model.optimizer, layer, stats)
 
 
-def test_initial_scaling_leaves_attention_projections_as_they_are():
+def test_initial_scaling_stops_at_attention():
     # Scaling the query and key projections would change the attention
-    # logits' scale (softmax temperature); the Dense layers are scaled.
+    # logits' scale (softmax temperature); so the projections, and the
+    # layers after them, are left as they are; the Dense before is scaled.
     inputs = keras.Input((5, 8))
+    first = keras.layers.Dense(8)
     attention = keras.layers.MultiHeadAttention(2, 4)
-    dense = keras.layers.Dense(8)
-    model = keras_bnp.BNPModel(inputs, dense(attention(inputs, inputs)))
-    projections = [attention._query_dense, attention._key_dense,
-                   attention._value_dense, attention._output_dense]
-    before = [layer.kernel.numpy() for layer in projections]
-    dense_before = dense.kernel.numpy()
+    last = keras.layers.Dense(8)
+    hidden = first(inputs)
+    model = keras_bnp.BNPModel(inputs, last(attention(hidden, hidden)))
+    later = [attention._query_dense, attention._key_dense,
+             attention._value_dense, attention._output_dense, last]
+    before = [layer.kernel.numpy() for layer in later]
+    first_before = first.kernel.numpy()
     x = realistic_inputs(np.random.default_rng(0), (16, 5, 8))
-    want_variance = np.var(model(x).numpy(), dtype=np.float64)
+    want_variance = np.var(first(x).numpy(), dtype=np.float64)
     scales = keras_bnp.scale_to_unit_variance(model, x)
-    assert list(scales) == [dense.name]
-    for layer, kernel in zip(projections, before):
+    assert list(scales) == [first.name]
+    for layer, kernel in zip(later, before):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
-    assert_allclose(scales[dense.name], 1.0 / np.sqrt(want_variance),
+    assert_allclose(scales[first.name], 1.0 / np.sqrt(want_variance),
                     rtol=1e-5)
-    assert_allclose(dense.kernel, scales[dense.name] * dense_before,
+    assert_allclose(first.kernel, scales[first.name] * first_before,
                     rtol=1e-6)
 
 

@@ -2,10 +2,11 @@
 
 Trains the README's keras-hub example (a one-layer BERT built from its
 config, 512 random token sequences, label = which half of the vocabulary
-the first token is in) with `BNP(0.01)` for 3 epochs, seeds 0-2, with the
-`EinsumDense` projections left as they are by the initial scaling (BNP's
-behaviour) and, for comparison, scaled to unit output variance like the
-Dense layers. Prints the training accuracy per epoch.
+the first token is in) with `BNP(0.01)` for 3 epochs, seeds 0-2: with
+BNP's initial scaling, which stops at the first attention projection
+(`EinsumDense`), and, for comparison, with the projections and every layer
+after them scaled to unit output variance like `Dense` layers. Prints the
+training accuracy per epoch.
 
     python docs/benchmark/attention_initial_scaling.py
 """
@@ -44,7 +45,8 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     for scaled in (False, True):
         rules.EinsumDenseRule.scaled = scaled
-        name = "projections scaled" if scaled else "projections as they are"
+        name = ("every layer scaled" if scaled
+                else "scaling stops at attention")
         for seed in (0, 1, 2):
             print(f"{name}, seed {seed}: accuracy per epoch {train(seed)}",
                   flush=True)
