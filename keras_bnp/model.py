@@ -23,7 +23,7 @@ class BNPMixin:
 
     Put it first among the bases: `class Net(BNPMixin, keras.Model)`. The
     training step is `train_step`, overridden only to record the inputs of
-    the model's Dense/Conv layers during the forward pass; loss, metrics and
+    the model's preconditioned layers during the forward pass; loss, metrics and
     the optimizer call are Keras' own `train_step`. A model with its own
     `train_step` wraps its forward pass and `apply_gradients` in
     `with self.bnp_capture():`. Besides, it creates

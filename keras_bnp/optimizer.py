@@ -33,7 +33,8 @@ _BASE_ARGUMENTS = (
 # Why a layer's statistics update can be skipped, as counted by BNP.
 SKIP_CAUSES = ("non_finite_input", "overflow")
 _MISSING_CAPTURE = (
-    "BNP needs the inputs of the model's Dense/Conv layers, which only a "
+    "BNP needs the inputs of the model's preconditioned layers (Dense, "
+    "convolutions, attention, recurrent, ...), which only a "
     "model with `keras_bnp.BNPMixin` records. Build the model as "
     "`keras_bnp.BNPModel(inputs, outputs)` or "
     "`keras_bnp.BNPSequential([...])`, or put `BNPMixin` first in your "
@@ -45,7 +46,7 @@ _MISSING_CAPTURE = (
 _CUSTOM_STEP = (
     "Model '{name}' ({cls}) has BNPMixin but overrides `train_step`, so "
     "BNPMixin's training step, which records the inputs of the model's "
-    "Dense/Conv layers for BNP, does not run. Run the forward pass and "
+    "preconditioned layers for BNP, does not run. Run the forward pass and "
     "`apply_gradients` of your `train_step` inside "
     "`with self.bnp_capture():` (it does nothing with an optimizer other "
     "than BNP), e.g.\n\n"
@@ -140,10 +141,10 @@ class _Slot:
 
 @keras.saving.register_keras_serializable(package="keras_bnp")
 class BNP(keras.optimizers.Optimizer):
-    """Batch Normalization Preconditioning (BNP) for Dense and Conv layers.
+    """Batch Normalization Preconditioning (BNP) for Keras layers.
 
     BNP gets the conditioning benefit of `BatchNormalization` without adding
-    normalization layers: it rescales and centres each Dense/Conv layer's
+    normalization layers: it rescales and centres each layer's kernel
     gradients with running statistics of that layer's inputs, then hands them
     to an inner optimizer. The forward pass is unchanged (no inference cost)
     and, because the statistics are running averages rather than batch
@@ -248,6 +249,14 @@ class BNP(keras.optimizers.Optimizer):
     ...     keras.layers.Dense(10)])
     >>> model.compile(optimizer=keras_bnp.BNP(0.01, momentum=0.9),
     ...               loss="sparse_categorical_crossentropy")
+
+    The rule is written for a Dense layer. Each other supported kind
+    (convolutions, depthwise, separable and transposed convolutions,
+    `EinsumDense` and so attention, `SimpleRNN`/`LSTM`/`GRU`) has a rule in
+    `keras_bnp.rules` that says which values its statistics pool over and
+    how its kernel lays out as `(fan-in, units)`; the derivations are in
+    `docs/layer_rules.md`, and `keras_bnp.coverage.report(model)` lists
+    what a model gets.
 
     The statistics are optimizer variables (saved and restored with it).
     Only layers of a model with `BNPMixin` are preconditioned; every other

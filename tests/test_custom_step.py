@@ -100,8 +100,9 @@ def test_custom_step_without_capture_gets_an_error_with_the_fix():
     assert message.startswith(
         f"Model '{model.name}' (CustomStep) has BNPMixin but overrides "
         "`train_step`, so BNPMixin's training step, which records the "
-        "inputs of the model's Dense/Conv layers for BNP, does not run. Run "
-        "the forward pass and `apply_gradients` of your `train_step` inside "
+        "inputs of the model's preconditioned layers for BNP, does not "
+        "run. Run the forward pass and `apply_gradients` of your "
+        "`train_step` inside "
         "`with self.bnp_capture():`")
     assert ("    def train_step(self, data):\n"
             "        with self.bnp_capture():\n") in message
