@@ -96,3 +96,54 @@ def mlp(model_class=keras_bnp.BNPSequential, inputs=8, hidden=16, outputs=3):
             keras.layers.Dense(outputs, name="logits"),
         ]
     )
+
+
+# The settings of the many-step reference tests: a large learning rate and
+# a small damping, so that the preconditioning shows in every weight.
+REFERENCE_LEARNING_RATE, REFERENCE_MOMENTUM = 0.05, 0.9
+REFERENCE_EPSILON, REFERENCE_BETA = 0.05, 0.9
+
+
+def custom_step(model, optimizer, inputs, cotangent):
+    """One step of a custom loop with loss `sum(outputs * cotangent)`;
+    returns the gradients as NumPy arrays."""
+    with optimizer.capture(model):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(inputs, training=True) * cotangent)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return [tf.convert_to_tensor(g).numpy() for g in grads]
+
+
+def check_reference_steps(layer, input_shape, make_inputs, reference,
+                          steps=40):
+    """`steps` steps of a model made of `layer`, trained by BNP in a custom
+    loop on batches of 1 to 3 `make_inputs(rng, shape)`, against a NumPy
+    reference: `reference(optimizer, x, grads, weights)` takes each batch,
+    its ordinary gradients and the reference's weights before the step,
+    updates its own statistics (checking them against `optimizer`'s where
+    it likes) and returns its preconditioned gradients.
+    The layer's weights must end where SGD with momentum takes the
+    reference's, to float32 round-off relative to their magnitude after
+    the amplified steps."""
+    from keras_bnp import _reference
+
+    model = keras.Sequential([keras.Input(input_shape), layer])
+    optimizer = keras_bnp.BNP(
+        REFERENCE_LEARNING_RATE, momentum=REFERENCE_MOMENTUM,
+        epsilon=REFERENCE_EPSILON, statistics_momentum=REFERENCE_BETA)
+    rng = np.random.default_rng(0)
+    sgd = _reference.SGDMomentum(REFERENCE_LEARNING_RATE, REFERENCE_MOMENTUM)
+    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
+    for _ in range(steps):
+        x = make_inputs(rng, (int(rng.integers(1, 4)), *input_shape))
+        # The output's shape from a call: `compute_output_shape` is wrong
+        # for some EinsumDense equations in Keras 3.15.
+        cotangent = rng.normal(size=model(x).shape).astype("float32")
+        grads = custom_step(model, optimizer, x, cotangent)
+        new_grads = reference(optimizer, x, grads, weights)
+        weights = [sgd.update(i, w, g)
+                   for i, (w, g) in enumerate(zip(weights, new_grads))]
+    for actual, want in zip(layer.trainable_weights, weights):
+        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
+                        rtol=1e-4)

@@ -2,8 +2,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import REFERENCE_BETA
+from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
 from helpers import assert_statistics_match
+from helpers import check_reference_steps
+from helpers import custom_step
 from helpers import logits_loss
 from helpers import mlp
 from helpers import shifted_inputs
@@ -49,57 +53,28 @@ LAYERS = {
 }
 
 
-def _custom_step(model, optimizer, inputs, cotangent):
-    """One step of a custom loop: loss = sum(outputs * cotangent)."""
-    with optimizer.capture(model):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(inputs, training=True) * cotangent)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return [g.numpy() for g in grads]
-
-
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_many_steps_match_numpy_reference(name):
     factory, input_shape, channel_axis = LAYERS[name]
     layer = factory()
     if channel_axis == 1 and isinstance(layer, keras.layers.Conv2D):
         skip_without_channels_first_conv2d()
-    model = keras.Sequential([keras.Input(input_shape), layer])
-    learning_rate, momentum, epsilon, beta = 0.05, 0.9, 0.05, 0.9
-    optimizer = keras_bnp.BNP(
-        learning_rate, momentum=momentum, epsilon=epsilon,
-        statistics_momentum=beta,
-    )
-    rng = np.random.default_rng(0)
-    channels = (None, *input_shape)[channel_axis]
-    stats = _reference.RawMomentStatistics(channels, beta)
-    sgd = _reference.SGDMomentum(learning_rate, momentum)
-    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
-    for _ in range(40):
-        batch = int(rng.integers(1, 4))
-        x = shifted_inputs(rng, (batch, *input_shape), channel_axis)
-        out_shape = model.compute_output_shape((batch, *input_shape))
-        cotangent = rng.normal(size=out_shape).astype("float32")
-        grads = _custom_step(model, optimizer, x, cotangent)
+    stats = _reference.RawMomentStatistics(
+        (None, *input_shape)[channel_axis], REFERENCE_BETA)
 
+    def reference(optimizer, x, grads, _):
         stats.update([x], channel_axis)
-        new_grads = _reference.precondition(
+        assert_statistics_match(optimizer, layer, stats)
+        return _reference.precondition(
             grads[0], grads[1] if layer.use_bias else None,
             stats.mean, stats.variance,
-            _reference.damping(stats.mean, stats.variance, epsilon),
-            getattr(layer, "groups", 1),
-        )
-        weights = [
-            sgd.update(i, w, g) for i, (w, g) in enumerate(
-                zip(weights, new_grads[: len(weights)]))
-        ]
-        assert_statistics_match(optimizer, layer, stats)
-    for actual, want in zip(layer.trainable_weights, weights):
-        # float32 round-off, relative to the weights' magnitude after 40
-        # amplified steps (up to ~15 here).
-        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
-                        rtol=1e-4)
+            _reference.damping(stats.mean, stats.variance, REFERENCE_EPSILON),
+            getattr(layer, "groups", 1))
+
+    check_reference_steps(
+        layer, input_shape,
+        lambda rng, shape: shifted_inputs(rng, shape, channel_axis),
+        reference)
 
 
 def test_shared_layer_pools_all_calls():
@@ -109,7 +84,7 @@ def test_shared_layer_pools_all_calls():
     optimizer = keras_bnp.BNP(statistics_momentum=0.0)
     rng = np.random.default_rng(0)
     x1, x2 = shifted_inputs(rng, (4, 3)), 3.0 * shifted_inputs(rng, (4, 3))
-    _custom_step(model, optimizer, [x1, x2], np.ones((4, 2), "float32"))
+    custom_step(model, optimizer, [x1, x2], np.ones((4, 2), "float32"))
     want_mean, want_variance = _reference.batch_moments([x1, x2], -1)
     mean, variance = optimizer.layer_statistics(shared)
     assert_allclose(mean, want_mean, atol=1e-5)

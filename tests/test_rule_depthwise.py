@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import REFERENCE_BETA
+from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
-from test_optimizer import _custom_step
+from helpers import check_reference_steps
 
 import keras_bnp
 from keras_bnp import _reference
@@ -57,7 +59,6 @@ SEPARABLE = {
             data_format="channels_first"),
         (3, 8), True),
 }
-LEARNING_RATE, MOMENTUM, EPSILON, BETA = 0.05, 0.9, 0.05, 0.9
 
 
 def _inputs(rng, shape, channels_first):
@@ -99,31 +100,15 @@ def _run(name, table, precondition):
     step)."""
     factory, input_shape, channels_first = table[name]
     layer = factory()
-    model = keras.Sequential([keras.Input(input_shape), layer])
-    optimizer = keras_bnp.BNP(
-        LEARNING_RATE, momentum=MOMENTUM, epsilon=EPSILON,
-        statistics_momentum=BETA)
-    rng = np.random.default_rng(0)
-    sgd = _reference.SGDMomentum(LEARNING_RATE, MOMENTUM)
-    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
-    for _ in range(40):
-        batch = int(rng.integers(1, 4))
-        x = _inputs(rng, (batch, *input_shape), channels_first)
-        out_shape = model.compute_output_shape((batch, *input_shape))
-        cotangent = rng.normal(size=out_shape).astype("float32")
-        grads = _custom_step(model, optimizer, x, cotangent)
-        new_grads = precondition(layer, optimizer, x, grads, weights)
-        weights = [sgd.update(i, w, g)
-                   for i, (w, g) in enumerate(zip(weights, new_grads))]
-    for actual, want in zip(layer.trainable_weights, weights):
-        # float32 round-off, relative to the weights' magnitude after 40
-        # amplified steps.
-        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
-                        rtol=1e-4)
+    check_reference_steps(
+        layer, input_shape,
+        lambda rng, shape: _inputs(rng, shape, channels_first),
+        lambda optimizer, x, grads, weights: precondition(
+            layer, optimizer, x, grads, weights))
 
 
 def _statistics(channels):
-    return _reference.RawMomentStatistics(channels, BETA)
+    return _reference.RawMomentStatistics(channels, REFERENCE_BETA)
 
 
 def _check_statistics(optimizer, layer, block, reference):
@@ -133,7 +118,8 @@ def _check_statistics(optimizer, layer, block, reference):
 
 
 def _damping(statistics):
-    return _reference.damping(statistics.mean, statistics.variance, EPSILON)
+    return _reference.damping(statistics.mean, statistics.variance,
+                              REFERENCE_EPSILON)
 
 
 @pytest.mark.parametrize("name", sorted(DEPTHWISE))

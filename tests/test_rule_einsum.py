@@ -8,8 +8,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import REFERENCE_BETA
+from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
 from helpers import assert_statistics_match
+from helpers import check_reference_steps
+from helpers import custom_step
 
 import keras_bnp
 from keras_bnp import _reference
@@ -44,52 +48,27 @@ def realistic_inputs(rng, shape):
     return (rng.normal(size=shape) * scale + offset).astype("float32")
 
 
-def _step(model, optimizer, inputs, cotangent):
-    """One custom-loop step of loss = sum(outputs * cotangent); returns
-    the gradients."""
-    with optimizer.capture(model):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(inputs, training=True) * cotangent)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return [tf.convert_to_tensor(g).numpy() for g in grads]
-
-
 @pytest.mark.parametrize("name", sorted(EQUATIONS))
 def test_many_steps_match_numpy_reference(name):
     equation, input_shape, output_shape, bias_axes = EQUATIONS[name]
     layer = keras.layers.EinsumDense(equation, output_shape,
                                      bias_axes=bias_axes)
-    model = keras.Sequential([keras.Input(input_shape), layer])
-    learning_rate, momentum, epsilon, beta = 0.05, 0.9, 0.05, 0.9
-    optimizer = keras_bnp.BNP(learning_rate, momentum=momentum,
-                              epsilon=epsilon, statistics_momentum=beta)
-    rng = np.random.default_rng(0)
-    stats = None
-    sgd = _reference.SGDMomentum(learning_rate, momentum)
-    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
-    for _ in range(40):
-        batch = int(rng.integers(1, 4))
-        x = realistic_inputs(rng, (batch, *input_shape))
-        # Not `compute_output_shape`, wrong for two axes under a left `...`
-        # in Keras 3.15.
-        cotangent = rng.normal(size=model(x).shape)
-        grads = _step(model, optimizer, x, cotangent.astype("float32"))
+    stats = []
 
+    def reference(optimizer, x, grads, _):
         features = _reference.einsum_features(x, equation)
-        if stats is None:
-            stats = _reference.RawMomentStatistics(features.shape[1], beta)
-        stats.update([features], -1)
-        new_grads = _reference.einsum_precondition(
+        if not stats:
+            stats.append(_reference.RawMomentStatistics(features.shape[1],
+                                                        REFERENCE_BETA))
+        stats[0].update([features], -1)
+        assert_statistics_match(optimizer, layer, stats[0])
+        return _reference.einsum_precondition(
             grads[0], grads[1] if bias_axes else None, equation, bias_axes,
-            stats.mean, stats.variance,
-            _reference.damping(stats.mean, stats.variance, epsilon))
-        weights = [sgd.update(i, w, g)
-                   for i, (w, g) in enumerate(zip(weights, new_grads))]
-        assert_statistics_match(optimizer, layer, stats)
-    for actual, want in zip(layer.trainable_weights, weights):
-        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
-                        rtol=1e-4)
+            stats[0].mean, stats[0].variance,
+            _reference.damping(stats[0].mean, stats[0].variance,
+                               REFERENCE_EPSILON))
+
+    check_reference_steps(layer, input_shape, realistic_inputs, reference)
 
 
 def test_bias_layout_follows_the_kernels_units():
@@ -123,7 +102,7 @@ def test_per_position_kernel_is_left_to_the_inner_optimizer():
     with pytest.warns(UserWarning, match=(
             r"BNP leaves EinsumDense layer 'einsum_dense\w*' "
             r"unpreconditioned .*: its " + re.escape(reason))):
-        grads = _step(model, optimizer, x, np.ones((2, 4, 3), "float32"))
+        grads = custom_step(model, optimizer, x, np.ones((2, 4, 3), "float32"))
     for weight, grad, new in zip(weights, grads, layer.trainable_weights):
         assert_allclose(new, weight - 0.1 * grad)
     with pytest.warns(UserWarning, match="BNP leaves EinsumDense"):
@@ -143,7 +122,7 @@ def test_masked_positions_are_left_out():
                               layer])
     optimizer = keras_bnp.BNP(statistics_momentum=0.0)
     want = embedding.embeddings.numpy()[tokens[tokens != 0]]
-    _step(model, optimizer, tokens, np.ones((3, 4, 2, 3), "float32"))
+    custom_step(model, optimizer, tokens, np.ones((3, 4, 2, 3), "float32"))
     mean, variance = optimizer.layer_statistics(layer)
     assert_allclose(mean, want.mean(0), atol=1e-6)
     assert_allclose(variance, want.var(0), atol=1e-6, rtol=1e-5)

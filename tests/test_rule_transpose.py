@@ -4,11 +4,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import REFERENCE_BETA
+from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
 from helpers import assert_statistics_match
+from helpers import check_reference_steps
 from helpers import shifted_inputs
 from helpers import skip_without_channels_first_conv2d
-from test_optimizer import _custom_step
 
 import keras_bnp
 from keras_bnp import _reference
@@ -45,33 +47,22 @@ def test_many_steps_match_numpy_reference(name):
     layer = factory()
     if channel_axis == 1 and not isinstance(layer, T3):
         skip_without_channels_first_conv2d()
-    model = keras.Sequential([keras.Input(input_shape), layer])
-    learning_rate, momentum, epsilon, beta = 0.05, 0.9, 0.05, 0.9
-    optimizer = keras_bnp.BNP(learning_rate, momentum=momentum,
-                              epsilon=epsilon, statistics_momentum=beta)
-    rng = np.random.default_rng(0)
-    stats = _reference.RawMomentStatistics(input_shape[channel_axis], beta)
-    sgd = _reference.SGDMomentum(learning_rate, momentum)
-    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
-    for _ in range(40):
-        batch = int(rng.integers(1, 4))
-        x = shifted_inputs(rng, (batch, *input_shape), channel_axis)
-        cotangent = rng.normal(
-            size=model.compute_output_shape(x.shape)).astype("float32")
-        grads = _custom_step(model, optimizer, x, cotangent)
+    stats = _reference.RawMomentStatistics(input_shape[channel_axis],
+                                           REFERENCE_BETA)
 
+    def reference(optimizer, x, grads, _):
         stats.update([x], channel_axis)
-        new_grads = _reference.precondition_transposed(
+        assert_statistics_match(optimizer, layer, stats)
+        return _reference.precondition_transposed(
             grads[0], grads[1] if layer.use_bias else None,
             stats.mean, stats.variance,
-            _reference.damping(stats.mean, stats.variance, epsilon),
+            _reference.damping(stats.mean, stats.variance, REFERENCE_EPSILON),
             layer.strides)
-        weights = [sgd.update(i, w, g)
-                   for i, (w, g) in enumerate(zip(weights, new_grads))]
-        assert_statistics_match(optimizer, layer, stats)
-    for actual, want in zip(layer.trainable_weights, weights):
-        assert_allclose(actual, want, atol=1e-5 * np.abs(want).max(),
-                        rtol=1e-4)
+
+    check_reference_steps(
+        layer, input_shape,
+        lambda rng, shape: shifted_inputs(rng, shape, channel_axis),
+        reference)
 
 
 @pytest.mark.parametrize("kernel_size,padding", [(3, "valid"), (4, "same")])
