@@ -216,6 +216,47 @@ def test_export_serves_predictions_and_contains_no_bnp_work(tmp_path):
         str(tmp_path / "plain"))
 
 
+def _every_kind():
+    """A model with a layer of every kind BNP preconditions besides Dense
+    and Conv: separable, depthwise and transposed convolutions, attention
+    and a bidirectional LSTM."""
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.SeparableConv2D(4, 3, padding="same")(inputs)
+    hidden = keras.layers.DepthwiseConv2D(3, padding="same")(hidden)
+    hidden = keras.layers.Conv2DTranspose(4, 3, padding="same")(hidden)
+    sequence = keras.layers.Reshape((8, 32))(hidden)
+    sequence = keras.layers.MultiHeadAttention(2, 4)(sequence, sequence)
+    sequence = keras.layers.Bidirectional(keras.layers.LSTM(5))(sequence)
+    model = keras_bnp.BNPModel(inputs, keras.layers.Dense(3)(sequence))
+    model.compile(optimizer=keras_bnp.BNP(0.01), loss=logits_loss())
+    return model
+
+
+def test_every_layer_kind_exports_saves_and_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    x = (3.0 * rng.normal(size=(64, 8, 8, 3)) + 5.0).astype("float32")
+    y = rng.integers(0, 3, 64)
+    model = _every_kind()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    # Separable: 2 blocks; attention: 4; each LSTM of the pair: 1.
+    assert len(model.optimizer._slots) == 11
+    model.export(str(tmp_path / "served"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_array_equal(loaded.serve(x[:4]).numpy(),
+                                  model.predict(x[:4], verbose=0))
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert len(restored.optimizer.variables) == len(
+        model.optimizer.variables)
+    for saved, read in zip(model.optimizer.variables,
+                           restored.optimizer.variables):
+        np.testing.assert_array_equal(read.numpy(), saved.numpy())
+    for trained in (model, restored):
+        trained.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(b, a)
+
+
 @pytest.fixture
 def restore_policy():
     yield
