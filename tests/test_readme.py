@@ -87,9 +87,8 @@ def test_custom_training_step_section_runs_and_learns(capsys):
     assert "loss per epoch: [" in capsys.readouterr().out
 
 
-# Whether BNP covers enough of the task depends on the rules it has (the
-# attention projections are EinsumDense layers).
-@pytest.mark.filterwarnings("ignore::keras_bnp.coverage.CoverageWarning")
+# No CoverageWarning (warnings are errors here): every kernel of the task,
+# the attention projections included, is preconditioned.
 def test_keras_hub_section_runs_learns_and_saves(tmp_path, capsys):
     pytest.importorskip(
         "keras_hub", reason="keras-hub is not installed (pip install "
@@ -101,6 +100,7 @@ def test_keras_hub_section_runs_learns_and_saves(tmp_path, capsys):
     assert namespace["history"].history["accuracy"][-1] > 0.9
     out = capsys.readouterr().out
     assert "accuracy per epoch: [" in out and "logits" in out
+    assert "EinsumDense: centre + scale kernel and bias" in out
     # Saved and loaded with the optimizer's statistics.
     model.save(tmp_path / "bert.keras")
     restored = keras.models.load_model(tmp_path / "bert.keras")
