@@ -84,6 +84,20 @@ def skip_without_channels_first_conv2d():
         pytest.skip(f"TensorFlow lacks this kernel here: {error}")
 
 
+def skip_unless_tensorflow_runs(layer, input_shape):
+    """Skips the test where TensorFlow has no CPU kernel for `layer`'s
+    forward or backward pass (with oneDNN off: channels-first or dilated
+    transposed convolutions, for one), after building it."""
+    with tf.GradientTape() as tape:
+        try:
+            outputs = layer(tf.ones((1, *input_shape)))
+            tape.gradient(outputs, layer.trainable_variables)
+        except (tf.errors.InvalidArgumentError,
+                tf.errors.UnimplementedError) as error:
+            message = error.message.split("}} ")[-1].split(" [Op:")[0]
+            pytest.skip(f"TensorFlow lacks this kernel here: {message}")
+
+
 def logits_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -10,7 +10,7 @@ from helpers import assert_allclose
 from helpers import assert_statistics_match
 from helpers import check_reference_steps
 from helpers import shifted_inputs
-from helpers import skip_without_channels_first_conv2d
+from helpers import skip_unless_tensorflow_runs
 
 import keras_bnp
 from keras_bnp import _reference
@@ -45,8 +45,7 @@ LAYERS = {
 def test_many_steps_match_numpy_reference(name):
     factory, input_shape, channel_axis = LAYERS[name]
     layer = factory()
-    if channel_axis == 1 and not isinstance(layer, T3):
-        skip_without_channels_first_conv2d()
+    skip_unless_tensorflow_runs(layer, input_shape)
     stats = _reference.RawMomentStatistics(input_shape[channel_axis],
                                            REFERENCE_BETA)
 
