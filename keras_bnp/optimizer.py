@@ -115,19 +115,17 @@ class _Slot:
     """Running statistics of one block's features (optimizer-owned state;
     see `rules.Block`).
 
-    Holds keys of model variables, never the variables themselves, so that
-    they are not tracked into the optimizer. `rank` is the block's position
-    among the model's blocks (the order of summaries); `label` is the
-    layer's name, and the block's (`block_name`) when it has several.
+    `BNP._slots` keys it by the block's kernel (`_key`); it holds no model
+    variable, so that none is tracked into the optimizer. `rank` is the
+    block's position among the model's blocks (the order of summaries);
+    `label` is the layer's name, and the block's (`block_name`) when it has
+    several.
     """
 
     rank: int
     label: str
     block_name: str
     layer_class: str
-    kernel_key: int
-    bias_key: int | None
-    groups: int
     moving_mean: keras.Variable
     moving_variance: keras.Variable
     moving_count: keras.Variable
@@ -408,9 +406,6 @@ class BNP(keras.optimizers.Optimizer):
                 label=block.label,
                 block_name=block.name,
                 layer_class=type(block.layer).__name__,
-                kernel_key=key,
-                bias_key=None if block.bias is None else _key(block.bias),
-                groups=block.groups,
                 moving_mean=self._statistics_variable(
                     channels, "zeros", f"{name}_moving_mean"
                 ),
