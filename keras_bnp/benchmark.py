@@ -63,6 +63,7 @@ DEEP = {
     "train_size": 3000,
     "epochs": 1,
     "progress_points": 8,
+    "tune_seeds": 1,
     "methods": ["sgd", "batchnorm", "batchrenorm", "layernorm", "groupnorm",
                 "adam", "adamw", "muon", "bnp", "bnp_adam"],
 }
@@ -98,17 +99,42 @@ def _in_config(result, config):
 
 
 def sweep(config, results, save, log=print):
-    """Runs every missing configuration; `save(results)` after each."""
-    done = {_key(r) for r in results if _in_config(r, config)}
-    todo = [
+    """Runs every missing configuration; `save(results)` after each.
+
+    With `config["tune_seeds"]` (the deep suite: 1), only that many of the
+    seeds run the whole learning-rate grid; the others then run only at
+    the rate those chose (`_tuned`), which is how the report reads them.
+    """
+    tune = config.get("tune_seeds") or len(config["seeds"])
+    grid = [
         (task, method, batch_size, lr, seed)
         for task in config["tasks"]
         for batch_size in config["batch_sizes"]
         for method in config["methods"]
         for lr in learning_rates(method, config)
-        for seed in config["seeds"]
-        if (task, method, batch_size, lr, seed) not in done
+        for seed in config["seeds"][:tune]
     ]
+    _run_all(config, grid, results, save, log)
+    if tune >= len(config["seeds"]):
+        return
+    in_config = [r for r in results if _in_config(r, config)]
+    tuned = [
+        (task, method, batch_size,
+         _tuned(in_config, task, method, batch_size)[0]["learning_rate"],
+         seed)
+        for task in config["tasks"]
+        for batch_size in config["batch_sizes"]
+        for method in config["methods"]
+        for seed in config["seeds"][tune:]
+    ]
+    _run_all(config, tuned, results, save, log)
+
+
+def _run_all(config, runs, results, save, log):
+    """Runs those of `runs` (`(task, method, batch_size, lr, seed)`) that
+    `results` does not hold yet."""
+    done = {_key(r) for r in results if _in_config(r, config)}
+    todo = [run for run in runs if run not in done]
     for i, (task, method, batch_size, lr, seed) in enumerate(todo, 1):
         result = experiment.run(
             method, batch_size, lr, task=task, seed=seed,
@@ -121,7 +147,6 @@ def sweep(config, results, save, log=print):
         log(f"[{i}/{len(todo)}] {task} {method} bs={batch_size} lr={lr:g} "
             f"seed={seed}: test {result['test_accuracy']:.4f} "
             f"({result['seconds']:.1f}s)")
-    return results
 
 
 def _seconds_per_step(run, seconds=0.25, repeats=3):
@@ -254,7 +279,9 @@ def _ratio_cell(runs, method, kind):
 
 def _tuned(results, task, method, batch_size):
     """The runs of the learning rate with the best mean validation
-    accuracy, or [] if there are none."""
+    accuracy over the seeds that every rate ran (all of them in a full
+    grid; the tuning seeds where the other seeds ran only at the chosen
+    rate), or [] if there are none."""
     by_lr = {}
     for r in results:
         if (r["task"], r["method"], r["batch_size"]) == (
@@ -262,8 +289,11 @@ def _tuned(results, task, method, batch_size):
             by_lr.setdefault(r["learning_rate"], []).append(r)
     if not by_lr:
         return []
+    common = set.intersection(*(
+        {r["seed"] for r in runs} for runs in by_lr.values()))
     return max(by_lr.values(), key=lambda runs: np.mean(
-        [r["validation_accuracy"] for r in runs]))
+        [r["validation_accuracy"] for r in runs if r["seed"] in common]
+        or [-1.0]))
 
 
 def _epochs_to(runs, target):
@@ -376,6 +406,15 @@ def _epoch_tables(config, results, target, task):
     ]
 
 
+def _tuning_text(config):
+    """How the report's seeds share the tuning, when not all run the grid."""
+    tune = config.get("tune_seeds") or len(config["seeds"])
+    if tune >= len(config["seeds"]):
+        return " by the mean over seeds"
+    return (f" on seed(s) {config['seeds'][:tune]}, the other seeds run at "
+            "that rate only")
+
+
 def _batch_size_header(config):
     """The first two lines of a table with a column per batch size."""
     return ["| method | " + " | ".join(
@@ -405,8 +444,9 @@ def report(config, results, timings, target, command):
         "epochs; learning rate per method and batch size chosen on 1000 "
         "held-out training images from "
         f"{list(learning_rates('sgd', config))} (SGD-based) or "
-        f"{list(learning_rates('adam', config))} (Adam- and Muon-based); "
-        f"seeds {config['seeds']}; mean ± standard deviation over seeds.",
+        f"{list(learning_rates('adam', config))} (Adam- and Muon-based)"
+        f"{_tuning_text(config)}; seeds {config['seeds']}; mean ± standard "
+        "deviation over seeds.",
         "",
     ]
     for task in config["tasks"]:
