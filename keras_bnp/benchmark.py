@@ -339,7 +339,7 @@ def _progress_tables(config, results, timings, task):
     """Markdown tables of one task of a suite with progress points: final
     validation accuracy at each method's tuned learning rate, and the steps
     and training time to reach BatchNorm's final validation accuracy."""
-    accuracy, speed = _batch_size_header(config), _batch_size_header(config)
+    accuracy, speed, rates = (_batch_size_header(config) for _ in range(3))
     targets = {}
     for batch_size in config["batch_sizes"]:
         runs = _tuned(results, task, "batchnorm", batch_size)
@@ -360,6 +360,9 @@ def _progress_tables(config, results, timings, task):
                 if runs and target is not None else "—")
         accuracy.append(f"| {method} | " + " | ".join(cells) + " |")
         speed.append(f"| {method} | " + " | ".join(time_cells) + " |")
+        rates.append(f"| {method} | " + " | ".join(
+            _rate_cell(results, task, method, batch_size, config)
+            for batch_size in config["batch_sizes"]) + " |")
     target_text = ", ".join(
         f"bs {b}: {t:.3f}" for b, t in targets.items() if t is not None)
     return [
@@ -376,7 +379,23 @@ def _progress_tables(config, results, timings, task):
         "", *speed, "",
         *(f"![{task}, batch size {b}]({task}_bs{b}_progress.png)"
           for b in config["batch_sizes"]), "",
+        f"## {task}: validation accuracy at each learning rate", "",
+        f"Seed {config['seeds'][0]}, learning rate: accuracy; † marks a "
+        "run that diverged (final training loss not below ln 10, the loss "
+        "of a uniform guess, or not finite).", "",
+        *rates, "",
     ]
+
+
+def _rate_cell(results, task, method, batch_size, config):
+    """`lr: accuracy` of the first seed's runs, † where it diverged."""
+    runs = sorted((r for r in results if (
+        r["task"], r["method"], r["batch_size"], r["seed"]) == (
+        task, method, batch_size, config["seeds"][0])),
+        key=lambda r: r["learning_rate"])
+    return " · ".join(
+        f"{r['learning_rate']:g}: {r['validation_accuracy']:.2f}"
+        + ("†" if r["diverged"] else "") for r in runs) or "—"
 
 
 def _epoch_tables(config, results, target, task):

@@ -208,6 +208,15 @@ def test_tiny_deep_suite_reports_accuracy_and_time_to_batchnorm(tmp_path):
                     f"({len(reached)}/2) |" in report)
         else:
             assert f"| {method} | — (0/2) |" in report
+        # Every rate of the tuning seed, † where the loss ended at or
+        # above a uniform guess's.
+        grid = sorted((r for r in results
+                       if r["method"] == method and r["seed"] == 0),
+                      key=lambda r: r["learning_rate"])
+        assert "| {} | {} |".format(method, " · ".join(
+            f"{r['learning_rate']:g}: {r['validation_accuracy']:.2f}"
+            + ("†" if not r["train_loss"] < np.log(10) else "")
+            for r in grid)) in report
     assert "![deep_mlp, batch size 64](deep_mlp_bs64_progress.png)" in report
     png = (out / "deep_mlp_bs64_progress.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
