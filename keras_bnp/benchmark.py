@@ -67,9 +67,9 @@ DEEP = {
     "methods": ["sgd", "batchnorm", "batchrenorm", "layernorm", "groupnorm",
                 "adam", "adamw", "muon", "bnp", "bnp_adam"],
 }
-# The deep suite's grids are one step wider: its best rates fell on the
-# shallow grids' edges (normalization layers at small batches, Muon).
-DEEP_SGD_RATES = (0.001, 0.003, 0.01, 0.03, 0.1)
+# The deep suite's grids are wider: its best rates fell on the shallow
+# grids' edges (normalization layers at small batches, Muon).
+DEEP_SGD_RATES = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 DEEP_ADAM_RATES = (0.0001, 0.0003, 0.001, 0.003)
 
 
