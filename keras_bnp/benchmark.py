@@ -149,6 +149,26 @@ def _run_all(config, runs, results, save, log):
             f"({result['seconds']:.1f}s)")
 
 
+def merge_results(results, others):
+    """`results` plus the runs of `others` it does not have (same task,
+    method, batch size, learning rate, seed, data and budget)."""
+    def key(r):
+        return (*_key(r), r.get("dataset", "mnist"), r["train_size"],
+                r["epochs"])
+
+    have = {key(r) for r in results}
+    return results + [r for r in others if key(r) not in have]
+
+
+def merge_timings(timings, newer):
+    """Cost tables `{task: {batch size: runs}}` (as in `timing.json`),
+    `newer`'s where both have a task and batch size."""
+    merged = {task: dict(sizes) for task, sizes in timings.items()}
+    for task, sizes in newer.items():
+        merged.setdefault(task, {}).update(sizes)
+    return merged
+
+
 def _seconds_per_step(run, seconds=0.25, repeats=3):
     """Seconds per step of `run(steps)`, the median of `repeats` calls of
     about `seconds` each (long enough that a call's fixed cost is small)."""
@@ -307,7 +327,7 @@ def _epochs_to(runs, target):
 
 def _step_seconds(timings, task, batch_size, method):
     """Median seconds per training step from the cost table, or `None`."""
-    runs = timings.get(task, {}).get(batch_size)
+    runs = timings.get(task, {}).get(str(batch_size))
     if not runs or method not in runs[0]:
         return None
     return float(np.median([run[method]["train"] for run in runs]))
@@ -488,7 +508,7 @@ def report(config, results, timings, target, command):
                 "| vs plain | optimizer state (floats) |",
                 "|---|---|---|---|---|---|",
             ]
-            for method in methods:
+            for method in (m for m in methods if m in runs[0]):
                 state = [r["optimizer_state_floats"] for r in results
                          if r["task"] == task and r["method"] == method]
                 train, inference = (
@@ -715,6 +735,10 @@ def main(argv=None):
                         "(jit_compile=True) instead of graph steps")
     parser.add_argument("--out-dir", default="benchmark_out",
                         help="folder of the results, report and plots")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                        help="also use the runs and cost tables of these "
+                        "--out-dir folders (a sweep split across processes "
+                        "or machines); runs already here are kept")
     args = parser.parse_args(argv)
     # Everything it needs, before the first run: the plots come last.
     _cli.require("matplotlib", "benchmark", "python -m keras_bnp.benchmark")
@@ -735,26 +759,33 @@ def main(argv=None):
     config["timing_jit_compile"] = args.timing_jit_compile
     os.makedirs(args.out_dir, exist_ok=True)
     results_path = os.path.join(args.out_dir, "results.json")
-    results = []
+    results, merged_timings = [], {}
     if os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
+    for folder in args.merge:
+        with open(os.path.join(folder, "results.json")) as f:
+            results = merge_results(results, json.load(f))
+        timing_path = os.path.join(folder, "timing.json")
+        if os.path.exists(timing_path):
+            with open(timing_path) as f:
+                merged_timings = merge_timings(merged_timings, json.load(f))
 
     def save(values):
         with open(results_path, "w") as f:
             json.dump(values, f, indent=1)
 
     sweep(config, results, save)
-    timings = {
+    timings = merge_timings(merged_timings, {
         task: {
-            batch_size: timing_in_processes(
+            str(batch_size): timing_in_processes(
                 task, batch_size, config["methods"], args.timing_rounds,
                 args.timing_processes, args.timing_inputs,
                 args.timing_jit_compile)
             for batch_size in args.timing_batch_sizes
         }
         for task in args.timing_tasks or config["tasks"]
-    }
+    })
     with open(os.path.join(args.out_dir, "timing.json"), "w") as f:
         json.dump(timings, f, indent=1)
     command = "python -m keras_bnp.benchmark " + " ".join(

@@ -220,3 +220,26 @@ def test_tiny_deep_suite_reports_accuracy_and_time_to_batchnorm(tmp_path):
     assert "![deep_mlp, batch size 64](deep_mlp_bs64_progress.png)" in report
     png = (out / "deep_mlp_bs64_progress.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_keeps_own_runs_and_adds_the_others():
+    def run(method, lr, seed, accuracy, train_size=3000):
+        return {"task": "vgg", "method": method, "batch_size": 4,
+                "learning_rate": lr, "seed": seed, "dataset": "mnist",
+                "train_size": train_size, "epochs": 1,
+                "validation_accuracy": accuracy}
+
+    own = [run("bnp", 0.01, 0, 0.9), run("sgd", 0.01, 0, 0.2)]
+    other = [run("bnp", 0.01, 0, 0.1),  # the same run: ours is kept
+             run("bnp", 0.01, 1, 0.8),  # another seed
+             run("bnp", 0.01, 0, 0.7, train_size=500)]  # another budget
+    merged = benchmark.merge_results(own, other)
+    assert merged == own + other[1:]
+    assert benchmark.merge_results(own, own) == own
+
+    timings = {"vgg": {"4": [{"sgd": 1}], "32": [{"sgd": 2}]}}
+    newer = {"vgg": {"32": [{"sgd": 3}]}, "resnet": {"32": [{"sgd": 4}]}}
+    assert benchmark.merge_timings(timings, newer) == {
+        "vgg": {"4": [{"sgd": 1}], "32": [{"sgd": 3}]},
+        "resnet": {"32": [{"sgd": 4}]}}
+    assert timings == {"vgg": {"4": [{"sgd": 1}], "32": [{"sgd": 2}]}}
