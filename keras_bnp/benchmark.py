@@ -20,6 +20,7 @@ the first run.
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -64,6 +65,7 @@ DEEP = {
     "epochs": 1,
     "progress_points": 8,
     "tune_seeds": 1,
+    "edge_steps": 2,
     "methods": ["sgd", "batchnorm", "batchrenorm", "layernorm", "groupnorm",
                 "adam", "adamw", "muon", "bnp", "bnp_adam"],
 }
@@ -104,30 +106,74 @@ def sweep(config, results, save, log=print):
     With `config["tune_seeds"]` (the deep suite: 1), only that many of the
     seeds run the whole learning-rate grid; the others then run only at
     the rate those chose (`_tuned`), which is how the report reads them.
+    With `config["edge_steps"]` (the deep suite: 2), a method whose best
+    rate is the lowest or highest it ran also runs the next rate of the
+    1-3-10 sequence beyond it (on the tuning seeds), up to that many steps
+    on each side, so that no tuned rate is an untried edge.
     """
     tune = config.get("tune_seeds") or len(config["seeds"])
-    grid = [
+    cells = [(task, method, batch_size)
+             for task in config["tasks"]
+             for batch_size in config["batch_sizes"]
+             for method in config["methods"]]
+    _run_all(config, [
         (task, method, batch_size, lr, seed)
-        for task in config["tasks"]
-        for batch_size in config["batch_sizes"]
-        for method in config["methods"]
+        for task, method, batch_size in cells
         for lr in learning_rates(method, config)
         for seed in config["seeds"][:tune]
-    ]
-    _run_all(config, grid, results, save, log)
+    ], results, save, log)
+    for _ in range(config.get("edge_steps", 0)):
+        beyond = [
+            (*cell, lr, seed)
+            for cell in cells
+            for lr in _beyond_edge(config, results, *cell)
+            for seed in config["seeds"][:tune]
+        ]
+        if not beyond:
+            break
+        _run_all(config, beyond, results, save, log)
     if tune >= len(config["seeds"]):
         return
     in_config = [r for r in results if _in_config(r, config)]
-    tuned = [
+    _run_all(config, [
         (task, method, batch_size,
          _tuned(in_config, task, method, batch_size)[0]["learning_rate"],
          seed)
-        for task in config["tasks"]
-        for batch_size in config["batch_sizes"]
-        for method in config["methods"]
+        for task, method, batch_size in cells
         for seed in config["seeds"][tune:]
-    ]
-    _run_all(config, tuned, results, save, log)
+    ], results, save, log)
+
+
+def _beyond_edge(config, results, task, method, batch_size):
+    """The next rate past the edge of the rates `method` ran, if its
+    best (`_tuned`) is that edge and at most `edge_steps` rates lie beyond
+    its grid there; else nothing."""
+    runs = [r for r in results if _in_config(r, config) and (
+        r["task"], r["method"], r["batch_size"]) == (task, method,
+                                                     batch_size)]
+    if not runs:
+        return []
+    rates = sorted({r["learning_rate"] for r in runs})
+    grid = learning_rates(method, config)
+    best = _tuned(runs, task, method, batch_size)[0]["learning_rate"]
+    steps = config["edge_steps"]
+    if best == rates[0] and sum(lr < min(grid) for lr in rates) < steps:
+        return [_next_rate(best, down=True)]
+    if best == rates[-1] and sum(lr > max(grid) for lr in rates) < steps:
+        return [_next_rate(best, down=False)]
+    return []
+
+
+def _next_rate(rate, down):
+    """The neighbour of `rate` in the sequence ..., 0.001, 0.003, 0.01,
+    0.03, ... (rates of one significant digit, 1 or 3)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    first = round(rate / 10 ** exponent)
+    if down:
+        value = (3, exponent - 1) if first == 1 else (1, exponent)
+    else:
+        value = (3, exponent) if first == 1 else (1, exponent + 1)
+    return float(f"{value[0]}e{value[1]}")
 
 
 def _run_all(config, runs, results, save, log):
@@ -448,10 +494,13 @@ def _epoch_tables(config, results, target, task):
 def _tuning_text(config):
     """How the report's seeds share the tuning, when not all run the grid."""
     tune = config.get("tune_seeds") or len(config["seeds"])
+    text = "" if not config.get("edge_steps") else (
+        f", extended by up to {config['edge_steps']} rates of the 1-3-10 "
+        "sequence past an edge that was a method's best")
     if tune >= len(config["seeds"]):
-        return " by the mean over seeds"
-    return (f" on seed(s) {config['seeds'][:tune]}, the other seeds run at "
-            "that rate only")
+        return text + ", by the mean over seeds"
+    return text + (f", on seed(s) {config['seeds'][:tune]}, the other seeds "
+                   "run at that rate only")
 
 
 def _batch_size_header(config):
