@@ -784,6 +784,10 @@ def main(argv=None):
                         "(jit_compile=True) instead of graph steps")
     parser.add_argument("--out-dir", default="benchmark_out",
                         help="folder of the results, report and plots")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs already in "
+                        "--out-dir and the --merge folders (a method, "
+                        "batch size or seed without runs shows as —)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                         help="also use the runs and cost tables of these "
                         "--out-dir folders (a sweep split across processes "
@@ -824,14 +828,18 @@ def main(argv=None):
         with open(results_path, "w") as f:
             json.dump(values, f, indent=1)
 
-    sweep(config, results, save)
+    if args.report_only:
+        save(results)
+    else:
+        sweep(config, results, save)
     timings = merge_timings(merged_timings, {
         task: {
             str(batch_size): timing_in_processes(
                 task, batch_size, config["methods"], args.timing_rounds,
                 args.timing_processes, args.timing_inputs,
                 args.timing_jit_compile)
-            for batch_size in args.timing_batch_sizes
+            for batch_size in ([] if args.report_only
+                               else args.timing_batch_sizes)
         }
         for task in args.timing_tasks or config["tasks"]
     })

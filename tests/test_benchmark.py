@@ -234,6 +234,23 @@ def test_tiny_deep_suite_reports_accuracy_and_time_to_batchnorm(tmp_path):
             f"{r['learning_rate']:g}: {r['validation_accuracy']:.2f}"
             + ("†" if not r["train_loss"] < np.log(10) else "")
             for r in grid)) in report
+    # The same report from another folder that merges this one's runs and
+    # cost table, running nothing.
+    again = tmp_path / "again"
+    benchmark.main([
+        "--deep", "--tasks", "deep_mlp", "--batch-sizes", "64",
+        "--seeds", "0", "1", "--train-size", "512", "--methods", "batchnorm",
+        "bnp", "--report-only", "--merge", str(out), "--out-dir", str(again)])
+    assert json.loads((again / "results.json").read_text()) == results
+    assert json.loads((again / "timing.json").read_text()) == {
+        "deep_mlp": {"64": timing}}
+
+    def without_command(text):
+        return [line for line in text.splitlines()
+                if not line.startswith("Command:")]
+
+    assert without_command((again / "report.md").read_text()) == (
+        without_command(report))
     assert "![deep_mlp, batch size 64](deep_mlp_bs64_progress.png)" in report
     png = (out / "deep_mlp_bs64_progress.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
