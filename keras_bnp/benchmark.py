@@ -146,8 +146,8 @@ def sweep(config, results, save, log=print):
 
 def _beyond_edge(config, results, task, method, batch_size):
     """The next rate past the edge of the rates `method` ran, if its
-    best (`_tuned`) is that edge and at most `edge_steps` rates lie beyond
-    its grid there; else nothing."""
+    best (`_tuned`) is that edge and fewer than `edge_steps` rates lie
+    beyond its grid there; else nothing."""
     runs = [r for r in results if _in_config(r, config) and (
         r["task"], r["method"], r["batch_size"]) == (task, method,
                                                      batch_size)]
@@ -492,7 +492,8 @@ def _epoch_tables(config, results, target, task):
 
 
 def _tuning_text(config):
-    """How the report's seeds share the tuning, when not all run the grid."""
+    """The report's words for how the grid was extended past its edges
+    and which seeds tuned the learning rates."""
     tune = config.get("tune_seeds") or len(config["seeds"])
     text = "" if not config.get("edge_steps") else (
         f", extended by up to {config['edge_steps']} rates of the 1-3-10 "
