@@ -59,6 +59,16 @@ def shifted_inputs(rng, shape, channel_axis=-1):
     return (rng.normal(size=shape) * scale + offset).astype("float32")
 
 
+def _kernel_error(step, errors):
+    """TensorFlow's message if `step()` (a forward and backward pass)
+    raises one of `errors` for want of a CPU kernel, else `None`."""
+    try:
+        step()
+    except errors as error:
+        return error.message.split("}} ")[-1].split(" [Op:")[0]
+    return None
+
+
 @functools.cache
 def _channels_first_conv2d_error():
     """TensorFlow's error for a tiny channels-first (NCHW) Conv2D step, the
@@ -66,14 +76,14 @@ def _channels_first_conv2d_error():
     TensorFlow has this kernel only with oneDNN on (its default on CPUs with
     AVX-512; `TF_ENABLE_ONEDNN_OPTS=0` turns it off)."""
     kernel = tf.Variable(tf.ones((1, 1, 1, 1)))
-    try:
+
+    def step():
         with tf.GradientTape() as tape:
             outputs = tf.nn.conv2d(tf.ones((1, 1, 2, 2)), kernel, 1, "VALID",
                                    data_format="NCHW")
         tape.gradient(outputs, kernel)
-    except tf.errors.UnimplementedError as error:
-        return error.message.split("}} ")[-1]
-    return None
+
+    return _kernel_error(step, tf.errors.UnimplementedError)
 
 
 def skip_without_channels_first_conv2d():
@@ -88,14 +98,15 @@ def skip_unless_tensorflow_runs(layer, input_shape):
     """Skips the test where TensorFlow has no CPU kernel for `layer`'s
     forward or backward pass (with oneDNN off: channels-first or dilated
     transposed convolutions, for one), after building it."""
-    with tf.GradientTape() as tape:
-        try:
+    def step():
+        with tf.GradientTape() as tape:
             outputs = layer(tf.ones((1, *input_shape)))
-            tape.gradient(outputs, layer.trainable_variables)
-        except (tf.errors.InvalidArgumentError,
-                tf.errors.UnimplementedError) as error:
-            message = error.message.split("}} ")[-1].split(" [Op:")[0]
-            pytest.skip(f"TensorFlow lacks this kernel here: {message}")
+        tape.gradient(outputs, layer.trainable_variables)
+
+    error = _kernel_error(step, (tf.errors.InvalidArgumentError,
+                                 tf.errors.UnimplementedError))
+    if error is not None:
+        pytest.skip(f"TensorFlow lacks this kernel here: {error}")
 
 
 def logits_loss():
