@@ -4,13 +4,20 @@ BNP acts on gradients only, so it inherits the forward signal's scale from
 the initialization. With Keras' default (Glorot) initializers the inputs of
 deep ReLU layers shrink by a factor of 2 to 3 or more per layer; BatchNorm
 repairs that at every step, BNP cannot. Scaling each layer once, before
-training, so that its outputs have unit variance on a batch of data (LSUV:
-Mishkin & Matas, "All you need is a good init", ICLR 2016, without its
-orthogonal start) fixes it and changes only weights, so the model keeps its
-architecture and its inference cost.
+training, so that its pre-activations have unit variance on a batch of data
+(LSUV: Mishkin & Matas, "All you need is a good init", ICLR 2016, measured
+before the activation and centred per unit, without its orthogonal start) fixes it
+and changes only weights, so the model keeps its architecture and its
+inference cost.
+
+Which layers are scaled is read off the model's graph (`plan`), never
+guessed from the order of calls: a layer is scaled only when every
+operation between the model's inputs and it, and between it and the next
+scaled layer or the model's outputs, is one whose effect of a change of
+scale is known (`_UNDERSTOOD`).
 """
 
-import collections
+import dataclasses
 
 import keras
 import numpy as np
@@ -19,37 +26,166 @@ import tensorflow as tf
 from keras_bnp import registry
 from keras_bnp import rules
 
+# How many examples of `fit`'s arrays the initial scaling measures, and the
+# fewest (with a weight above 0) it measures at all.
+EXAMPLES = 256
+MIN_EXAMPLES = 16
 
-def scale_to_unit_variance(model, inputs, target_variance=1.0):
-    """Scales each preconditioned layer's kernel and bias so that, on
-    `inputs`, its outputs have variance `target_variance`.
+# Layers through which a change of scale of an input is harmless to the
+# scaling: elementwise activations (which the next scaled layer's unit
+# pre-activations are made for), noise and dropout, rearrangements,
+# pooling, sums and maxima of their inputs, and fixed input preprocessing.
+# Exact types only: a subclass may compute anything.
+_UNDERSTOOD = tuple(getattr(keras.layers, name) for name in (
+    "InputLayer", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax",
+    "PReLU", "Identity", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
+    "SpatialDropout3D", "GaussianDropout", "GaussianNoise", "AlphaDropout",
+    "Flatten", "Reshape", "Permute", "RepeatVector", "ZeroPadding1D",
+    "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D",
+    "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D",
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
+    "AveragePooling2D", "AveragePooling3D", "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D", "GlobalMaxPooling3D", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "Add", "Subtract",
+    "Average", "Maximum", "Minimum", "Concatenate", "Rescaling",
+    "Normalization",
+))
 
-    One forward pass (in inference mode) visits the layers in the order the
-    model calls them; each layer's output is scaled as soon as it is
-    computed, so every later layer is measured on the inputs it will see
-    after the scaling. The variance is over the whole output (every example,
-    position and unit), so the ratios between units and the kernel's shape
-    of initialization are kept. A layer whose output is constant or not
-    finite is left as it is.
 
-    The scaling stops at the first preconditioned layer of a kind it does
-    not scale (recurrent layers, attention's `EinsumDense`): a later layer
-    scaled to the output of such a layer, which can be far from unit
-    variance and change quickly in training, starts with weights sized for
-    that one batch (measured: a Dense head after an LSTM whose outputs had
-    a standard deviation of 0.009 was multiplied by 142 and training
-    diverged).
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The layers the scaling may scale, in call order, or why none."""
+
+    layers: tuple
+    reason: str = ""
+
+
+def plan(model):
+    """Which of `model`'s layers `scale_to_unit_variance` scales.
+
+    A layer is scaled when it is linear in its kernel and bias (Dense and
+    the convolutions, called through Keras' own `call`), and every
+    operation upstream of it, and downstream up to the next scaled layer or
+    the model's outputs, is an `_UNDERSTOOD` layer, a scaled layer, or a
+    layer linear in its weights whose output feeds only such operations. So
+    nothing is scaled behind, or in front of, a layer whose behaviour under
+    a change of scale is unknown: recurrent layers, attention (however it is
+    built: a `keras.ops` call in a functional graph is such an operation),
+    normalization layers, nested models and any layer without a BNP rule. A
+    shared layer is scaled only if every call of it qualifies.
+
+    Only a `Functional` or `Sequential` model shows its graph; a subclassed
+    model gets an empty plan with the reason.
+    """
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    if not isinstance(graph, registry.Functional) or graph is None:
+        return Plan((), (
+            f"{type(model).__name__} is a subclassed model, whose graph "
+            "between layers is not visible"))
+    nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True)
+             for node in graph._nodes_by_depth[depth]]
+    clean = {id(tensor) for tensor in graph.inputs}
+    calls = {}  # id(layer) -> [whether each call's inputs are clean]
+    for node in nodes:
+        operation = node.operation
+        inputs_clean = all(id(t) in clean for t in node.input_tensors)
+        linear = _linear(operation)
+        if linear:
+            calls.setdefault(id(operation), []).append(inputs_clean)
+        if node.is_input or (inputs_clean and (
+                linear or type(operation) in _UNDERSTOOD)):
+            clean.update(id(tensor) for tensor in node.outputs)
+    scaled = {key for key, flags in calls.items() if all(flags)}
+    consumers = {}
+    for node in nodes:
+        for tensor in node.input_tensors:
+            consumers.setdefault(id(tensor), []).append(node)
+    changed = True
+    while changed:  # drop layers whose scale reaches an unknown operation
+        changed = False
+        for node in nodes:
+            if (id(node.operation) in scaled
+                    and _reaches_unknown(node, consumers, scaled)):
+                scaled.discard(id(node.operation))
+                changed = True
+    layers, seen = [], set()
+    for node in nodes:
+        if id(node.operation) in scaled and id(node.operation) not in seen:
+            seen.add(id(node.operation))
+            layers.append(node.operation)
+    reason = "" if layers else (
+        "no layer is linear with only known operations around it (a "
+        "normalization, recurrent or attention layer, a nested model or an "
+        "operation without a BNP rule sits next to each)")
+    return Plan(tuple(layers), reason)
+
+
+def _linear(operation):
+    """Whether `operation` is a layer whose output, before its activation,
+    is linear in the variables its rule scales (Keras' own `call`, not
+    replaced on the class or the instance)."""
+    rule = rules.rule_for(operation) if isinstance(
+        operation, keras.layers.Layer) else None
+    return (rule is not None and rule.scaled and bool(rules.blocks(operation))
+            and "call" not in operation.__dict__
+            and any(type(operation).call is kind.call
+                    for kind in rule.layer_types))
+
+
+def _reaches_unknown(node, consumers, scaled):
+    """Whether a change of scale of `node`'s outputs reaches an operation
+    that is not understood before a scaled layer absorbs it."""
+    stack, seen = list(node.outputs), set()
+    while stack:
+        tensor = stack.pop()
+        for consumer in consumers.get(id(tensor), []):
+            if id(consumer) in seen:
+                continue
+            seen.add(id(consumer))
+            operation = consumer.operation
+            if id(operation) in scaled:
+                continue
+            if not (_linear(operation) or type(operation) in _UNDERSTOOD):
+                return True
+            stack.extend(consumer.outputs)
+    return False
+
+
+def scale_to_unit_variance(model, inputs, target_variance=1.0,
+                           sample_weight=None):
+    """Scales the kernel and bias of each layer of `plan(model)` so that,
+    on `inputs`, its pre-activations (the output before the layer's own
+    activation) have variance `target_variance`, each unit's mean within
+    one of its standard deviations of 0.
+
+    One forward pass (in inference mode) visits the layers in call order;
+    each layer is scaled as soon as its output is computed, so every later
+    layer is measured on the inputs it will see after the scaling. Per
+    output unit (channel), the mean and the variance are taken over the
+    examples and positions, each example weighted by `sample_weight` (its
+    mean over any further axes). The kernel is multiplied by `s =
+    sqrt(target_variance / v)`, `v` the mean of the units' variances, so
+    the ratios between units are kept. The bias becomes `s * (bias -
+    shift)`, `shift = mean - clip(mean, -std, std)` per unit: a unit whose
+    mean exceeds its spread (one after a raw column such as a year, whose
+    ReLU would be always on or always off) is moved to the edge of that
+    range, the others keep their means (centring them all cost the deep
+    MLP of `docs/defaults.md` 3 to 4 points); a layer without a bias keeps
+    its means. A layer whose pre-activations are constant or not finite is
+    left as it is.
 
     Args:
-        model: A Keras model (built on `inputs` first if it is not).
+        model: A `Functional` or `Sequential` Keras model (built on
+            `inputs` first if it is not).
         inputs: A batch the model accepts (a few hundred examples is enough).
         target_variance: Float > 0. Defaults to `1.0`.
+        sample_weight: Optional array of shape `(batch,)` (or with more
+            axes, averaged), the weight of each example. Defaults to equal
+            weights.
 
     Returns:
         A dict `{layer name: scale}` of the factors applied, in call order;
-        layers of the same name (such as the projections of several
-        `MultiHeadAttention` layers) are named by their `path`, e.g.
-        `"multi_head_attention/query"`.
+        layers of the same name are named by their `path`.
     """
     target_variance = float(target_variance)
     if not target_variance > 0:
@@ -62,53 +198,122 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0):
             "scale_to_unit_variance runs eagerly; call it outside "
             "tf.function."
         )
-    scales, done = {}, set()
-    stopped = []  # the first layer of a kind that is not scaled
-
-    def on_output(layer, outputs):
-        rule = rules.rule_for(layer)
-        if not rule.scaled:
-            stopped.append(layer)
-        if stopped or id(layer) in done:
-            return outputs  # a shared layer: scaled at its first call
-        done.add(id(layer))
-        variables = rule.scaled_variables(layer)
-        variance = float(tf.math.reduce_variance(
-            tf.cast(outputs, tf.float32)))
-        scale = 1.0
-        if variables and np.isfinite(variance) and variance > 0:
-            scale = float(np.sqrt(target_variance / variance))
-            for variable in variables:
-                variable.assign(variable * scale)
-        scales[layer.name if names[layer.name] == 1 else layer.path] = scale
-        return outputs * tf.cast(scale, outputs.dtype)
-
     if not model.built:
         # Building may trace the model symbolically; keep that out of the
         # measured pass, and let Keras record the build.
         model(inputs, training=False)
-    layers = [layer for layer in registry.supported_layers(model)
-              if rules.blocks(layer)]
-    # Layers nested in others can share names (keras-hub's "query", ...).
-    names = collections.Counter(layer.name for layer in layers)
-    with registry.intercept_outputs(layers, on_output):
+    layers = plan(model)
+    if not layers.layers:
+        raise ValueError(
+            "scale_to_unit_variance found no layer to scale in model "
+            f"'{model.name}': {layers.reason}.")
+    weights = _example_weights(sample_weight, inputs)
+    names = _names(registry.supported_layers(model))
+    scales = {}
+
+    def scaled_call(layer, call):
+        def measured(*args, **kwargs):
+            activation = layer.activation
+            layer.activation = keras.activations.linear
+            try:
+                outputs = call(*args, **kwargs)
+            finally:
+                layer.activation = activation
+            if names(layer) not in scales:  # a shared layer: its first call
+                outputs = _scale(layer, outputs, weights, target_variance,
+                                 scales, names(layer))
+            return activation(outputs)
+
+        return measured
+
+    with registry.patched_calls(layers.layers, scaled_call):
         model(inputs, training=False)
     return scales
 
 
-def first_batch(x, size):
-    """The inputs of the first `size` examples of `fit`'s `x`, or `None`
-    when they cannot be read without consuming it (a Python generator)."""
-    if isinstance(x, tf.data.Dataset):
-        element = next(iter(x.take(1)))
-        return element[0] if isinstance(element, tuple) else element
-    if isinstance(x, keras.utils.PyDataset):
-        element = x[0]
-        return element[0] if isinstance(element, tuple) else element
+def _scale(layer, outputs, weights, target_variance, scales, name):
+    """Scales `layer`'s variables to give `outputs` (its pre-activations)
+    unit variance per the docstring above; returns the new outputs."""
+    axis = rules._channel_axis(layer) % outputs.shape.rank
+    values = tf.cast(outputs, tf.float64)
+    shape = [1] * values.shape.rank
+    shape[0] = -1
+    w = tf.broadcast_to(tf.reshape(weights, shape), tf.shape(values))
+    axes = [a for a in range(values.shape.rank) if a != axis]
+    total = tf.reduce_sum(w, axes)
+    mean = tf.reduce_sum(w * values, axes) / total
+    keep = [1] * values.shape.rank
+    keep[axis] = -1
+    centred = values - tf.reshape(mean, keep)
+    unit_variance = tf.reduce_sum(w * centred ** 2, axes) / total
+    variance = float(tf.reduce_mean(unit_variance))
+    scale = 1.0
+    if np.isfinite(variance) and variance > 0:
+        scale = float(np.sqrt(target_variance / variance))
+        variables = rules.rule_for(layer).scaled_variables(layer)
+        shift = tf.zeros_like(mean)
+        if any(v.name == "bias" for v in variables):
+            # Each unit's mean, moved to within one of its standard
+            # deviations of 0.
+            std = tf.sqrt(unit_variance)
+            shift = mean - tf.clip_by_value(mean, -std, std)
+        for variable in variables:
+            if variable.name == "bias":
+                variable.assign(tf.cast(
+                    scale * (tf.cast(variable, tf.float64) - shift),
+                    variable.dtype))
+            else:
+                variable.assign(variable * scale)
+        outputs = tf.cast((values - tf.reshape(shift, keep)) * scale,
+                          outputs.dtype)
+    scales[name] = scale
+    return outputs
+
+
+def _example_weights(sample_weight, inputs):
+    """Float64 weights `(batch,)`: `sample_weight` averaged over its
+    non-batch axes, or ones."""
+    if sample_weight is None:
+        batch = tf.shape(keras.tree.flatten(inputs)[0])[0]
+        return tf.ones([batch], tf.float64)
+    weights = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
+    if weights.shape.rank > 1:
+        weights = tf.reduce_mean(weights, list(range(1, weights.shape.rank)))
+    if not bool(tf.reduce_all(weights >= 0)) or not float(
+            tf.reduce_sum(weights)) > 0:
+        raise ValueError(
+            "Argument `sample_weight` must be finite, >= 0 and not all 0. "
+            f"Received: sample_weight with sum {float(tf.reduce_sum(weights))}"
+        )
+    return tf.reshape(weights, [-1])
+
+
+def _names(layers):
+    """`name(layer)`: its name, or its path where names repeat (keras-hub's
+    "query", ...)."""
+    counts = {}
+    for layer in layers:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    return lambda layer: layer.name if counts[layer.name] == 1 else layer.path
+
+
+def fit_batch(x, y, sample_weight, class_weight):
+    """The first `EXAMPLES` examples of `fit`'s arrays, as `(inputs,
+    weights)`, or `None` for data read batch by batch (a dataset, a
+    `PyDataset`, a generator): the first training step's batch is used
+    then."""
     leaves = keras.tree.flatten(x)
-    if not leaves or not all(hasattr(leaf, "shape") for leaf in leaves):
+    if not leaves or not all(hasattr(leaf, "shape") for leaf in leaves) or (
+            isinstance(x, (tf.data.Dataset, keras.utils.PyDataset))):
         return None
-    return keras.tree.map_structure(lambda array: _head(array, size), x)
+    inputs = keras.tree.map_structure(lambda a: _head(a, EXAMPLES), x)
+    if sample_weight is None and class_weight is not None:
+        sample_weight = registry.class_weight_to_sample_weights(
+            keras.tree.map_structure(lambda a: _head(a, EXAMPLES), y),
+            class_weight)
+    if sample_weight is not None:
+        sample_weight = _head(sample_weight, EXAMPLES)
+    return inputs, sample_weight
 
 
 def _head(array, size):
@@ -117,3 +322,33 @@ def _head(array, size):
         return tf.sparse.slice(
             array, tf.zeros_like(shape), tf.concat([[size], shape[1:]], 0))
     return array[:size]
+
+
+def freshness(layers):
+    """Why the weights of `layers` may have been trained or loaded (a
+    sentence), or `None` when each bias is still its initializer's
+    constant (and at least one layer has such a bias to tell by)."""
+    told = False
+    for layer in layers:
+        bias = getattr(layer, "bias", None)
+        initial = _constant(getattr(layer, "bias_initializer", None))
+        if bias is None or initial is None:
+            continue
+        if not np.all(keras.ops.convert_to_numpy(bias) == initial):
+            return (f"the bias of layer '{layer.name}' is not at its "
+                    "initial value, so the weights were trained or loaded")
+        told = True
+    if not told:
+        return ("no scaled layer has a bias with a constant initializer, so "
+                "it cannot tell whether the weights were trained or loaded")
+    return None
+
+
+def _constant(initializer):
+    if isinstance(initializer, keras.initializers.Zeros):
+        return 0.0
+    if isinstance(initializer, keras.initializers.Ones):
+        return 1.0
+    if isinstance(initializer, keras.initializers.Constant):
+        return float(initializer.value)
+    return None

@@ -1,21 +1,21 @@
 """`BNPMixin`: the training step that feeds layer inputs to `BNP`."""
 
 import contextlib
+import dataclasses
+import inspect
+import itertools
 import warnings
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from keras_bnp import coverage
 from keras_bnp import initialization
 from keras_bnp.callbacks import NonFiniteInputWarning
 from keras_bnp.optimizer import find_bnp
 
-# Positions of `verbose` and `callbacks` among `Model.fit`'s positional
-# parameters.
-_FIT_VERBOSE_POSITION = 4
-_FIT_CALLBACKS_POSITION = 5
-# How many examples of `fit`'s data the initial scaling measures.
-_INITIAL_SCALING_EXAMPLES = 256
+_FIT = inspect.signature(keras.Model.fit)
 
 
 class BNPMixin:
@@ -56,57 +56,87 @@ class BNPMixin:
             yield
 
     def fit(self, *args, **kwargs):
-        # Scales the initial weights (BNP's `initial_scaling`), and adds
+        # Arranges BNP's initial scaling for the first step, and adds
         # callbacks that report what BNP preconditions (at the start of a
         # fresh BNP's first fit) and warn (once, at an epoch end) if BNP
         # skipped statistics updates on NaN/Inf inputs; everything else is
         # Keras'.
         bnp = find_bnp(getattr(self, "optimizer", None))
-        if bnp is not None:
-            x = args[0] if args else kwargs.get("x")
-            verbose = (args[_FIT_VERBOSE_POSITION]
-                       if len(args) > _FIT_VERBOSE_POSITION
-                       else kwargs.get("verbose", "auto"))
-            self._initial_scaling(bnp, x, print if verbose != 0 else None)
-            added = [_CoverageReport(bnp, verbose), NonFiniteInputWarning()]
-            if len(args) > _FIT_CALLBACKS_POSITION:
-                args = list(args)
-                args[_FIT_CALLBACKS_POSITION] = _with(
-                    args[_FIT_CALLBACKS_POSITION], added)
-            else:
-                kwargs["callbacks"] = _with(kwargs.get("callbacks"), added)
-        return super().fit(*args, **kwargs)
-
-    def _initial_scaling(self, bnp, x, print_fn):
-        """Before a fresh BNP's first step, scales the preconditioned
-        layers to unit output variance on the first examples of `x`."""
-        if not bnp.initial_scaling or int(bnp.iterations.numpy()) > 0:
-            return
-        inputs = initialization.first_batch(x, _INITIAL_SCALING_EXAMPLES)
-        if inputs is None:
-            raise ValueError(
-                "BNP(initial_scaling=True) scales the layers on the first "
-                "examples of `fit`'s data, which cannot be read from a "
-                f"{type(x).__name__} without consuming it. Call "
-                "`keras_bnp.scale_to_unit_variance(model, x_batch)` before "
-                "`fit` and compile with `BNP(..., initial_scaling=False)`, "
-                "or pass arrays, a tf.data.Dataset or a PyDataset."
-            )
-        with self.distribute_strategy.scope():
-            scales = initialization.scale_to_unit_variance(self, inputs)
-        bnp.initial_scales = scales
-        if print_fn is not None and scales:
-            print_fn(
-                f"BNP: scaled {len(scales)} layers to unit output variance "
-                "before the first step (factors "
-                f"{min(scales.values()):.3g} to {max(scales.values()):.3g}); "
-                "pass BNP(initial_scaling=False) to keep the weights as "
-                "they are."
-            )
+        if bnp is None:
+            return super().fit(*args, **kwargs)
+        arguments = _FIT.bind(self, *args, **kwargs).arguments
+        del arguments["self"]
+        verbose = arguments.get("verbose", "auto")
+        if bnp.initial_scaling and int(bnp.iterations.numpy()) == 0:
+            self.__dict__["_bnp_scaling"] = _Scaling(
+                bnp, verbose != 0, initialization.fit_batch(
+                    arguments.get("x"), arguments.get("y"),
+                    arguments.get("sample_weight"),
+                    arguments.get("class_weight")))
+        arguments["callbacks"] = _with(
+            arguments.get("callbacks"),
+            [_CoverageReport(bnp, verbose), NonFiniteInputWarning()])
+        try:
+            return super().fit(**arguments)
+        finally:
+            self.__dict__.pop("_bnp_scaling", None)
 
     def make_train_function(self, force=False):
         self._build_bnp_state()
-        return super().make_train_function(force=force)
+        super().make_train_function(force=force)
+        scaling = self.__dict__.pop("_bnp_scaling", None)
+        if scaling is not None:
+            # The first call scales the layers on the data of the first
+            # step (or the first examples of `fit`'s arrays), then trains
+            # on that same data: nothing of the user's data is consumed.
+            train_function = self.train_function
+
+            def first_call(iterator):
+                self.train_function = train_function
+                if scaling.batch is not None:
+                    self._scale_initially(scaling, *scaling.batch)
+                    return train_function(iterator)
+                data = next(iterator)
+                x, _, weights = keras.utils.unpack_x_y_sample_weight(
+                    _local(data, self.distribute_strategy))
+                self._scale_initially(scaling, x, weights)
+                return train_function(itertools.chain([data], iterator))
+
+            self.train_function = first_call
+        return self.train_function
+
+    def _scale_initially(self, scaling, x, sample_weight):
+        """BNP's `initial_scaling`: scales the layers of
+        `initialization.plan` on `x` when their weights are untouched and
+        there are enough examples, and says in one line what it did."""
+        count = int(keras.tree.flatten(x)[0].shape[0])
+        if sample_weight is not None:
+            count = int(np.sum(np.asarray(sample_weight).reshape(
+                count, -1).mean(axis=1) > 0))
+        layers = initialization.plan(self)
+        reason = layers.reason or initialization.freshness(layers.layers)
+        if reason is None and count < initialization.MIN_EXAMPLES:
+            reason = (f"the first batch has {count} examples with a weight "
+                      f"above 0, fewer than the "
+                      f"{initialization.MIN_EXAMPLES} it needs; call "
+                      "keras_bnp.scale_to_unit_variance(model, x) on more "
+                      "examples before fit")
+        if reason is not None:
+            line = f"BNP: initial scaling skipped: {reason}."
+        else:
+            with self.distribute_strategy.scope():
+                scales = initialization.scale_to_unit_variance(
+                    self, x, sample_weight=sample_weight)
+            scaling.bnp.initial_scales = scales
+            line = (
+                f"BNP: scaled {len(scales)} layers so that their "
+                f"pre-activations have variance 1 on {count} "
+                "training examples (kernel factors "
+                f"{min(scales.values()):.3g} to {max(scales.values()):.3g}); "
+                "pass BNP(initial_scaling=False) to keep the weights as "
+                "they are.")
+        if scaling.verbose:
+            print(line)
 
     def compile_from_config(self, config):
         super().compile_from_config(config)
@@ -131,6 +161,24 @@ class BNPMixin:
             if not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
             bnp.track(self)
+
+
+@dataclasses.dataclass
+class _Scaling:
+    """A pending initial scaling: the optimizer, whether to print its line,
+    and `fit`'s first examples `(x, sample_weight)` (`None`: the first
+    step's batch)."""
+
+    bnp: object
+    verbose: bool
+    batch: tuple = None
+
+
+def _local(data, strategy):
+    """`data` with each distributed value's replicas concatenated."""
+    parts = strategy.experimental_local_results(data)
+    return tf.nest.map_structure(lambda *values: tf.concat(values, 0),
+                                 *parts) if len(parts) > 1 else parts[0]
 
 
 def _with(callbacks, added):

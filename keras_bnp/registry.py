@@ -7,8 +7,12 @@ import sys
 import keras
 import tensorflow as tf
 from keras.src.backend.common import symbolic_scope
+from keras.src.models.functional import Functional  # noqa: F401
 from keras.src.saving import saving_lib
 from keras.src.saving.keras_saveable import KerasSaveable
+from keras.src.trainers.data_adapters.data_adapter_utils import (  # noqa: F401
+    class_weight_to_sample_weights,
+)
 from keras.src.utils import naming
 from tensorflow.python.ops.parallel_for import control_flow_ops as parallel_for
 
@@ -107,7 +111,7 @@ def capture_inputs(layers, on_first_call, on_nested_call):
 
         return recording_call
 
-    with _patched_calls(layers, wrap):
+    with patched_calls(layers, wrap):
         yield captured
 
 
@@ -155,25 +159,19 @@ def _in_vectorized_map():
 
 
 @contextlib.contextmanager
-def intercept_outputs(layers, on_output):
-    """Replaces the output of every call of `layers` by `on_output(layer,
-    output)`."""
-
-    def wrap(layer, call):
-        return lambda *args, **kwargs: on_output(layer, call(*args, **kwargs))
-
-    with _patched_calls(layers, wrap):
-        yield
-
-
-@contextlib.contextmanager
-def _patched_calls(layers, wrap):
+def patched_calls(layers, wrap):
     """Patches each layer's `call` on the instance only with `wrap(layer,
-    call)`, and restores it on exit."""
+    call)`, and restores on exit what the instance had (a user's own
+    `layer.call = ...` included)."""
+    missing = object()
+    saved = [(layer, layer.__dict__.get("call", missing)) for layer in layers]
     try:
         for layer in layers:
             layer.__dict__["call"] = wrap(layer, layer.call)
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("call", None)
+        for layer, call in saved:
+            if call is missing:
+                layer.__dict__.pop("call", None)
+            else:
+                layer.__dict__["call"] = call

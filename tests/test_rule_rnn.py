@@ -268,7 +268,7 @@ def test_text_classifier_fits_and_saves_statistics(tmp_path):
     # Four recurrent layers, the GRUs with two blocks each, and the Dense.
     labels = sorted(s.label for s in model.optimizer._slots.values())
     assert len(labels) == 7 and sum("/candidate" in x for x in labels) == 2
-    # Initial scaling stops at the first recurrent layer: nothing scaled.
+    # Nothing is scaled around the recurrent layers.
     assert model.optimizer.initial_scales == {}
     path = tmp_path / "classifier.keras"
     model.save(path)
