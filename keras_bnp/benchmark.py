@@ -3,6 +3,7 @@
     python -m keras_bnp.benchmark                # default: MLP, ~10 min, 2 CPUs
     python -m keras_bnp.benchmark --full         # MLP and CNN, longer runs
     python -m keras_bnp.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp
+    python -m keras_bnp.benchmark --zoo          # client models (zoo.py)
 
 Trains every method at every batch size over a learning-rate grid and
 several seeds (`keras_bnp.experiment.run`), picks each method's learning
@@ -33,6 +34,7 @@ import keras_bnp
 from keras_bnp import _cli
 from keras_bnp import data
 from keras_bnp import experiment
+from keras_bnp import zoo
 
 SGD_RATES = (0.003, 0.01, 0.03)
 ADAM_RATES = (0.0003, 0.001, 0.003)
@@ -734,6 +736,10 @@ def _default_help(text, name):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--zoo" in argv:
+        argv.remove("--zoo")
+        return zoo.main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m keras_bnp.benchmark", description=__doc__,
         formatter_class=_cli.HelpFormatter)

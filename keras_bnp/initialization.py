@@ -4,11 +4,11 @@ BNP acts on gradients only, so it inherits the forward signal's scale from
 the initialization. With Keras' default (Glorot) initializers the inputs of
 deep ReLU layers shrink by a factor of 2 to 3 or more per layer; BatchNorm
 repairs that at every step, BNP cannot. Scaling each layer once, before
-training, so that its pre-activations have unit variance on a batch of data
-(LSUV: Mishkin & Matas, "All you need is a good init", ICLR 2016, measured
-before the activation and centred per unit, without its orthogonal start) fixes it
-and changes only weights, so the model keeps its architecture and its
-inference cost.
+training, so that its pre-activations have unit variance on a batch of
+data (LSUV: Mishkin & Matas, "All you need is a good init", ICLR 2016,
+measured before the activation and centred per unit, without its
+orthogonal start) fixes it and changes only weights, so the model keeps
+its architecture and its inference cost.
 
 Which layers are scaled is read off the model's graph (`plan`), never
 guessed from the order of calls: a layer is scaled only when every
@@ -198,6 +198,12 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
             "scale_to_unit_variance runs eagerly; call it outside "
             "tf.function."
         )
+    # As `fit` passes them: tensors (a Functional model of one input, built
+    # from a list, warns about a NumPy array).
+    inputs = keras.tree.map_structure(
+        lambda a: a if isinstance(a, (tf.Tensor, tf.SparseTensor,
+                                      tf.RaggedTensor))
+        else tf.convert_to_tensor(a), inputs)
     if not model.built:
         # Building may trace the model symbolically; keep that out of the
         # measured pass, and let Keras record the build.

@@ -109,6 +109,13 @@ class BNPMixin:
         """BNP's `initial_scaling`: scales the layers of
         `initialization.plan` on `x` when their weights are untouched and
         there are enough examples, and says in one line what it did."""
+        if not self.built:
+            # Keras builds a model without a strategy in the first step's
+            # trace; built here, BNP tracks its layers before that step.
+            with self.distribute_strategy.scope():
+                self(keras.tree.map_structure(tf.convert_to_tensor, x),
+                     training=False)
+            self._build_bnp_state()
         count = int(keras.tree.flatten(x)[0].shape[0])
         if sample_weight is not None:
             count = int(np.sum(np.asarray(sample_weight).reshape(

@@ -195,12 +195,17 @@ class BNP(keras.optimizers.Optimizer):
 
     BNP acts on gradients only, so it cannot repair a forward signal that
     the initialization makes vanish in a deep network, as BatchNorm does at
-    every step. With `initial_scaling=True`, `fit` therefore first scales
-    each preconditioned layer's kernel and bias once, so that its outputs
-    have unit variance on the first 256 training examples
-    (`keras_bnp.scale_to_unit_variance`, LSUV-style), in call order up to
-    the first recurrent layer or attention projection. This changes
-    weights, not the architecture.
+    every step. With `initial_scaling=True`, the first step of a fresh
+    BNP's `fit` is therefore preceded by one scaling of each linear layer
+    (Dense, convolutions) so that its pre-activations have unit variance on
+    that step's batch, or the first 256 rows of `fit`'s arrays
+    (`keras_bnp.scale_to_unit_variance`, LSUV-style, weighted as the loss
+    is). Only layers of a Functional or Sequential graph with nothing
+    around them whose reaction to scale is unknown (attention, recurrent
+    and normalization layers, `keras.ops` calls, layers without a rule)
+    are scaled, and nothing when a bias shows that the weights were trained
+    or loaded; `fit` prints one line saying which. This changes weights,
+    not the architecture.
 
     This rule is derived from the description of BNP in Lange et al. (the
     paper's algorithm box was not available to this project); the relative
@@ -229,10 +234,10 @@ class BNP(keras.optimizers.Optimizer):
         statistics_momentum: Float in `[0, 1)`, the decay of the running
             statistics; `0` uses the current batch only. Defaults to `0.99`.
         initial_scaling: Bool. Whether the first `fit` of a fresh optimizer
-            scales the preconditioned layers to unit output variance before
-            its first step (see above). Set it to `False` to keep the
-            weights as given, e.g. when fine-tuning pretrained weights.
-            Defaults to `True`.
+            scales the linear layers to unit pre-activation variance
+            before its first step (see above; never trained or loaded
+            weights). `False` keeps the weights as given. Defaults to
+            `True`.
         inner_optimizer: A `keras.optimizers.Optimizer` instance (or a name
             such as `"adam"`) that applies the preconditioned gradients, in
             place of the built-in SGD. Then `learning_rate`, `momentum` and
