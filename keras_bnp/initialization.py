@@ -184,8 +184,9 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
             weights.
 
     Returns:
-        A dict `{layer name: scale}` of the factors applied, in call order;
-        layers of the same name are named by their `path`.
+        A dict `{layer name: scale}` of the factors applied, in call order
+        (a layer left as it is has none); layers of the same name are
+        named by their `path`.
     """
     target_variance = float(target_variance)
     if not target_variance > 0:
@@ -214,6 +215,12 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
             "scale_to_unit_variance found no layer to scale in model "
             f"'{model.name}': {layers.reason}.")
     weights = _example_weights(sample_weight, inputs)
+    if not (bool(tf.reduce_all(weights >= 0))
+            and float(tf.reduce_sum(weights)) > 0):
+        raise ValueError(
+            "Argument `sample_weight` must be >= 0 and not all 0. Received: "
+            f"sample_weight with sum {float(tf.reduce_sum(weights))} and "
+            f"minimum {float(tf.reduce_min(weights))}")
     names = _names(registry.supported_layers(model))
     scales = {}
 
@@ -237,6 +244,41 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
     return scales
 
 
+def initial_scaling(model, x, sample_weight=None):
+    """`BNP(initial_scaling=True)`'s step before a fresh optimizer's first:
+    `scale_to_unit_variance` when it is safe, else nothing. Returns the
+    factors applied and the one line that says what was done or why not
+    (the weights were trained or loaded, too few examples have a weight
+    above 0, the examples are not finite, or `plan` is empty)."""
+    weights = _example_weights(sample_weight, x)
+    count = int(tf.reduce_sum(tf.cast(weights > 0, tf.int32)))
+    layers = plan(model)
+    reason = layers.reason or freshness(layers.layers)
+    if reason is None and not all(
+            bool(tf.reduce_all(tf.math.is_finite(leaf)))
+            for leaf in map(tf.convert_to_tensor, keras.tree.flatten(x))
+            if leaf.dtype.is_floating):
+        reason = "the measured examples contain NaN or Inf"
+    if reason is None and count < MIN_EXAMPLES:
+        reason = (f"the first batch has {count} examples with a weight "
+                  f"above 0, fewer than the {MIN_EXAMPLES} it needs; call "
+                  "keras_bnp.scale_to_unit_variance(model, x) on more "
+                  "examples before fit")
+    scales = {}
+    if reason is None:
+        scales = scale_to_unit_variance(model, x, sample_weight=sample_weight)
+        if not scales:
+            reason = ("no layer's pre-activations vary on the measured "
+                      "examples")
+    if reason is not None:
+        return scales, f"BNP: initial scaling skipped: {reason}."
+    return scales, (
+        f"BNP: scaled {len(scales)} layers so that their pre-activations "
+        f"have variance 1 on {count} training examples (kernel factors "
+        f"{min(scales.values()):.3g} to {max(scales.values()):.3g}); pass "
+        "BNP(initial_scaling=False) to keep the weights as they are.")
+
+
 def _scale(layer, outputs, weights, target_variance, scales, name):
     """Scales `layer`'s variables to give `outputs` (its pre-activations)
     unit variance per the docstring above; returns the new outputs."""
@@ -253,7 +295,6 @@ def _scale(layer, outputs, weights, target_variance, scales, name):
     centred = values - tf.reshape(mean, keep)
     unit_variance = tf.reduce_sum(w * centred ** 2, axes) / total
     variance = float(tf.reduce_mean(unit_variance))
-    scale = 1.0
     if np.isfinite(variance) and variance > 0:
         scale = float(np.sqrt(target_variance / variance))
         variables = rules.rule_for(layer).scaled_variables(layer)
@@ -272,7 +313,7 @@ def _scale(layer, outputs, weights, target_variance, scales, name):
                 variable.assign(variable * scale)
         outputs = tf.cast((values - tf.reshape(shift, keep)) * scale,
                           outputs.dtype)
-    scales[name] = scale
+        scales[name] = scale
     return outputs
 
 
@@ -285,12 +326,6 @@ def _example_weights(sample_weight, inputs):
     weights = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
     if weights.shape.rank > 1:
         weights = tf.reduce_mean(weights, list(range(1, weights.shape.rank)))
-    if not bool(tf.reduce_all(weights >= 0)) or not float(
-            tf.reduce_sum(weights)) > 0:
-        raise ValueError(
-            "Argument `sample_weight` must be finite, >= 0 and not all 0. "
-            f"Received: sample_weight with sum {float(tf.reduce_sum(weights))}"
-        )
     return tf.reshape(weights, [-1])
 
 
@@ -340,7 +375,7 @@ def freshness(layers):
         initial = _constant(getattr(layer, "bias_initializer", None))
         if bias is None or initial is None:
             continue
-        if not np.all(keras.ops.convert_to_numpy(bias) == initial):
+        if not bool(tf.reduce_all(tf.convert_to_tensor(bias) == initial)):
             return (f"the bias of layer '{layer.name}' is not at its "
                     "initial value, so the weights were trained or loaded")
         told = True

@@ -7,7 +7,6 @@ import itertools
 import warnings
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_bnp import coverage
@@ -106,9 +105,8 @@ class BNPMixin:
         return self.train_function
 
     def _scale_initially(self, scaling, x, sample_weight):
-        """BNP's `initial_scaling`: scales the layers of
-        `initialization.plan` on `x` when their weights are untouched and
-        there are enough examples, and says in one line what it did."""
+        """BNP's `initial_scaling` on `x`, with its one line printed when
+        `fit` is verbose."""
         if not self.built:
             # Keras builds a model without a strategy in the first step's
             # trace; built here, BNP tracks its layers before that step.
@@ -116,32 +114,10 @@ class BNPMixin:
                 self(keras.tree.map_structure(tf.convert_to_tensor, x),
                      training=False)
             self._build_bnp_state()
-        count = int(keras.tree.flatten(x)[0].shape[0])
-        if sample_weight is not None:
-            count = int(np.sum(np.asarray(sample_weight).reshape(
-                count, -1).mean(axis=1) > 0))
-        layers = initialization.plan(self)
-        reason = layers.reason or initialization.freshness(layers.layers)
-        if reason is None and count < initialization.MIN_EXAMPLES:
-            reason = (f"the first batch has {count} examples with a weight "
-                      f"above 0, fewer than the "
-                      f"{initialization.MIN_EXAMPLES} it needs; call "
-                      "keras_bnp.scale_to_unit_variance(model, x) on more "
-                      "examples before fit")
-        if reason is not None:
-            line = f"BNP: initial scaling skipped: {reason}."
-        else:
-            with self.distribute_strategy.scope():
-                scales = initialization.scale_to_unit_variance(
-                    self, x, sample_weight=sample_weight)
-            scaling.bnp.initial_scales = scales
-            line = (
-                f"BNP: scaled {len(scales)} layers so that their "
-                f"pre-activations have variance 1 on {count} "
-                "training examples (kernel factors "
-                f"{min(scales.values()):.3g} to {max(scales.values()):.3g}); "
-                "pass BNP(initial_scaling=False) to keep the weights as "
-                "they are.")
+        with self.distribute_strategy.scope():
+            scales, line = initialization.initial_scaling(
+                self, x, sample_weight)
+        scaling.bnp.initial_scales = scales
         if scaling.verbose:
             print(line)
 

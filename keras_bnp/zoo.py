@@ -10,8 +10,10 @@ with its own softmax head, keras-io patterns), wrapped as
 can learn: the bundled MNIST digits, resized and coloured for the image
 models, or synthetic but learnable sequences, frames and tables. Every
 method (`METHODS`: BNP at its defaults, its inner SGD with momentum 0.9
-alone, Adam) has its learning rate tuned on seed 0 by the final validation
-loss, then runs the other seeds at that rate. `results.json` holds every
+alone, Adam; and BNP with `initial_scaling=False`, run where the scaling
+acts) has its learning rate tuned on seed 0 by the final validation loss
+(up to two rates past the grid while the best is at its edge), then runs
+the other seeds at that rate. `results.json` holds every
 run (resumed: runs already there are skipped), `report.md` the tables and
 `zoo.png` validation loss against training time.
 """
@@ -28,10 +30,13 @@ import keras_bnp
 from keras_bnp import _cli
 from keras_bnp import data
 
-METHODS = ("bnp", "sgd", "adam")
+METHODS = ("bnp", "sgd", "adam", "bnp_unscaled")
 RATES = {"bnp": (0.003, 0.01, 0.03, 0.1), "sgd": (0.003, 0.01, 0.03, 0.1),
-         "adam": (0.0003, 0.001, 0.003)}
+         "adam": (0.0003, 0.001, 0.003),
+         "bnp_unscaled": (0.003, 0.01, 0.03, 0.1)}
 DEFAULTS = {"seeds": [0, 1], "train_size": 2000, "epochs": 6}
+# How many rates past the grid's edge the tuning may go.
+EDGE_STEPS = 2
 
 
 def _digits(train_size, seed, size=28, colour=False):
@@ -185,6 +190,17 @@ def _convlstm_next_frame(train_size, seed):
             _frames(train_size, seed))
 
 
+def year_table(count, seed):
+    """A year (2000-2024) beside three standardized columns, and a linear
+    target of all four: the raw-column case of `docs/defaults.md`."""
+    rng = np.random.default_rng(seed)
+    year = rng.integers(2000, 2025, count).astype("float32")
+    other = rng.normal(size=(count, 3)).astype("float32")
+    x = np.concatenate([year[:, None], other], axis=1)
+    y = (0.1 * (year - 2012) + other @ [1.0, -0.5, 0.25]).astype("float32")
+    return x, y[:, None]
+
+
 def _table(count, rng):
     """Raw columns: a year, a price spanning four decades, three
     standardized ones; a smooth non-linear target."""
@@ -276,6 +292,8 @@ def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
     model = keras_bnp.BNPModel(model.inputs, model.outputs)
     optimizer = {
         "bnp": lambda: keras_bnp.BNP(learning_rate, momentum=0.9),
+        "bnp_unscaled": lambda: keras_bnp.BNP(
+            learning_rate, momentum=0.9, initial_scaling=False),
         "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
         "adam": lambda: keras.optimizers.Adam(learning_rate),
     }[method]()
@@ -331,40 +349,57 @@ def _score(record):
         else value
 
 
-def tuned_rate(results, name, method, tune_seed=0):
+def tuned_rate(results, name, method, tune_seed, config):
     """The learning rate with the lowest final validation loss on
-    `tune_seed` (ties: the smaller rate)."""
-    runs = [r for r in results if (r["model"], r["method"], r["seed"]) == (
-        name, method, tune_seed)]
+    `tune_seed` in `config`'s runs (ties: the smaller rate)."""
+    runs = [r for r in results if (
+        r["model"], r["method"], r["seed"], r["train_size"], r["epochs"]) == (
+        name, method, tune_seed, config["train_size"], config["epochs"])]
     return min(runs, key=lambda r: (_score(r), r["learning_rate"]))[
         "learning_rate"]
 
 
 def sweep(config, results, save, log=print):
     """Runs what `config` asks for that `results` lacks: every rate of
-    `RATES` on the first seed, then the other seeds at the tuned rate."""
+    `RATES` on the first seed, and up to `EDGE_STEPS` rates of the
+    1-3-10 sequence beyond the grid while the best is at its edge; then
+    the other seeds at the tuned rate."""
+    from keras_bnp.benchmark import _next_rate
+
     done = {_key(r) for r in results}
     size, epochs = config["train_size"], config["epochs"]
     first, *others = config["seeds"]
+
+    def ensure(name, method, rate, seed):
+        if (name, method, rate, seed, size, epochs) in done:
+            return
+        record = run(name, method, rate, seed, size, epochs)
+        results.append(record)
+        done.add(_key(record))
+        save(results)
+        log(f"{name} {method} lr={rate} seed={seed} "
+            f"val={record['val_loss'][-1]:.4g} "
+            f"test={record['test_loss']:.4g} "
+            f"({record['seconds'][-1]:.1f}s)")
+
     for name in config["models"]:
         for method in config["methods"]:
-            plan = [(rate, first) for rate in RATES[method]]
-            for phase in (plan, None):
-                if phase is None:
-                    rate = tuned_rate(results, name, method, first)
-                    phase = [(rate, seed) for seed in others]
-                for rate, seed in phase:
-                    key = (name, method, rate, seed, size, epochs)
-                    if key in done:
-                        continue
-                    record = run(name, method, rate, seed, size, epochs)
-                    results.append(record)
-                    done.add(key)
-                    save(results)
-                    log(f"{name} {method} lr={rate} seed={seed} "
-                        f"val={record['val_loss'][-1]:.4g} "
-                        f"test={record['test_loss']:.4g} "
-                        f"({record['seconds'][-1]:.1f}s)")
+            rates = sorted(RATES[method])
+            for _ in range(EDGE_STEPS + 1):
+                for rate in rates:
+                    ensure(name, method, rate, first)
+                best = tuned_rate(results, name, method, first, config)
+                if best == rates[-1] and len(rates) < len(
+                        RATES[method]) + EDGE_STEPS:
+                    rates.append(_next_rate(best, down=False))
+                elif best == rates[0] and len(rates) < len(
+                        RATES[method]) + EDGE_STEPS:
+                    rates.insert(0, _next_rate(best, down=True))
+                else:
+                    break
+            for seed in others:
+                ensure(name, method, tuned_rate(
+                    results, name, method, first, config), seed)
     return results
 
 
@@ -377,7 +412,10 @@ def summary(config, results):
     for name in config["models"]:
         table[name] = {}
         for method in config["methods"]:
-            rate = tuned_rate(results, name, method, first)
+            if not any((r["model"], r["method"]) == (name, method)
+                       for r in results):
+                continue  # not run for this model
+            rate = tuned_rate(results, name, method, first, config)
             runs = [r for r in results if (
                 r["model"], r["method"], r["learning_rate"]) == (
                 name, method, rate) and r["seed"] in config["seeds"]
@@ -404,8 +442,9 @@ def report(config, results, command):
     lines = [
         "# The zoo: BNP's defaults on client models", "",
         f"Command: `{command}`", "",
-        f"{config['train_size']} training examples (250 movies for the "
-        f"next-frame model), {config['epochs']} epochs, batch size 32; "
+        f"{config['train_size']} training examples "
+        f"({config['train_size'] // 4} movies for the next-frame model), "
+        f"{config['epochs']} epochs, batch size 32; "
         f"learning rates tuned on seed {config['seeds'][0]} by the final "
         "validation loss, then seeds "
         f"{', '.join(map(str, config['seeds'][1:])) or '(none)'} at that "
@@ -413,8 +452,8 @@ def report(config, results, command):
         "the seeds. 'vs SGD' is BNP's mean minus SGD's, in units of the "
         "larger of their two standard deviations.", "",
         "| model | BNP (rate) | SGD (rate) | Adam (rate) | BNP vs SGD | "
-        "layers scaled |",
-        "|---|---|---|---|---|---|",
+        "layers scaled | BNP, `initial_scaling=False` (rate) |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def cell(entry):
@@ -432,7 +471,9 @@ def report(config, results, command):
         lines.append("| " + " | ".join(
             [name] + [cell(methods[m]) if m in methods else ""
                       for m in ("bnp", "sgd", "adam")]
-            + [versus, str(bnp["scaled_layers"]) if bnp else ""]) + " |")
+            + [versus, str(bnp["scaled_layers"]) if bnp else "",
+               cell(methods["bnp_unscaled"])
+               if "bnp_unscaled" in methods else ""]) + " |")
     lines += ["", "Validation loss per epoch (mean over seeds) and the "
               "cumulative training seconds at the last epoch:", ""]
     for name, methods in table.items():
@@ -478,7 +519,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=list(MODELS),
                         default=list(MODELS), help="zoo models to train")
     parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        default=list(METHODS), help="methods to compare")
+                        default=list(METHODS[:3]), help="methods to compare")
     parser.add_argument("--seeds", nargs="+", type=int,
                         default=DEFAULTS["seeds"],
                         help="seeds; the first tunes the learning rate")

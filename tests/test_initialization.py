@@ -11,6 +11,7 @@ from helpers import assert_allclose
 
 import keras_bnp
 from keras_bnp import initialization
+from keras_bnp import zoo
 from keras_bnp.coverage import CoverageWarning
 
 
@@ -49,14 +50,7 @@ def _classifier(head, seed=0):
 
 
 def _tabular(count=512, seed=0):
-    """Raw columns: a year (2000-2024) and three standardized ones; the
-    target depends on all four."""
-    rng = np.random.default_rng(seed)
-    year = rng.integers(2000, 2025, count).astype("float32")
-    other = rng.normal(size=(count, 3)).astype("float32")
-    x = np.concatenate([year[:, None], other], axis=1)
-    y = (0.1 * (year - 2012) + other @ [1.0, -0.5, 0.25]).astype("float32")
-    return x, y[:, None]
+    return zoo.year_table(count, seed)
 
 
 def _weights(model):
@@ -388,3 +382,16 @@ def test_arrays_are_measured_on_their_first_256_examples(capsys):
         "variance 1 on 256 training examples (kernel factors" in line
     assert "pass BNP(initial_scaling=False) to keep the weights as they " \
         "are." in line
+
+
+def test_non_finite_first_examples_are_not_measured(capsys):
+    x, y = _batches(2, 32)
+    x[5, 3] = np.nan
+    model = _dense_net()
+    model.compile(optimizer=keras_bnp.BNP(0.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(True))
+    with pytest.warns(UserWarning, match="BNP skipped 1 statistics update"):
+        model.fit(x, y, batch_size=64, verbose=2)
+    assert model.optimizer.initial_scales == {}
+    assert ("BNP: initial scaling skipped: the measured examples contain "
+            "NaN or Inf.") in capsys.readouterr().out

@@ -16,6 +16,7 @@ def tiny_zoo(tmp_path_factory):
     rates = {"bnp": (0.003, 0.03), "sgd": (0.003, 0.03), "adam": (0.001,)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(zoo, "RATES", rates)
+        patch.setattr(zoo, "EDGE_STEPS", 1)
         benchmark.main(["--zoo", "--models", "tabular", "--seeds", "0", "1",
                         "--train-size", "96", "--epochs", "2",
                         "--out-dir", str(out)])
@@ -28,12 +29,22 @@ def test_seeds_after_the_first_run_at_its_best_rate(tiny_zoo):
     for method, grid in rates.items():
         runs = [r for r in results if r["method"] == method]
         first = {r["learning_rate"]: r for r in runs if r["seed"] == 0}
-        assert sorted(first) == sorted(grid)
-        # Re-derived here: the lowest final validation loss on seed 0.
-        best = min(grid, key=lambda rate: first[rate]["val_loss"][-1]
-                   if np.isfinite(first[rate]["val_loss"][-1]) else np.inf)
-        assert [(r["learning_rate"]) for r in runs if r["seed"] == 1] == [
-            best]
+
+        def best(rates, first=first):  # re-derived: lowest final val. loss
+            return min(rates, key=lambda rate: (
+                first[rate]["val_loss"][-1]
+                if np.isfinite(first[rate]["val_loss"][-1]) else np.inf,
+                rate))
+
+        # The grid, and one rate past the edge where the grid's best was.
+        edge = best(grid)
+        beyond = ([edge * 3 if str(edge).lstrip("0.").startswith("1")
+                   else edge * 10 / 3] if edge == max(grid) else
+                  [edge / 3 if str(edge).lstrip("0.").startswith("3")
+                   else edge * 3 / 10])
+        assert sorted(first) == pytest.approx(sorted([*grid, *beyond]))
+        assert [r["learning_rate"] for r in runs if r["seed"] == 1] == [
+            best(list(first))]
         for run in runs:
             assert len(run["val_loss"]) == len(run["seconds"]) == 2
             assert np.all(np.diff(run["seconds"]) > 0)
