@@ -823,6 +823,10 @@ def main(argv=None):
     if os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
+    own_timing = os.path.join(args.out_dir, "timing.json")
+    if os.path.exists(own_timing):  # kept unless measured again
+        with open(own_timing) as f:
+            merged_timings = json.load(f)
     for folder in args.merge:
         with open(os.path.join(folder, "results.json")) as f:
             results = merge_results(results, json.load(f))

@@ -227,16 +227,16 @@ def _tabular(train_size, seed):
 
 
 def _tokens(train_size, seed, length=32, vocabulary=200):
-    """Token sequences; the class says whether token 1 comes before token
-    2 (both appear once), which needs positions, not a bag of words."""
+    """Token sequences labelled by their majority: 1 when more than half
+    of the tokens come from the lower half of the vocabulary (a sentiment
+    task of positive and negative words, learnable by pooling)."""
     rng = np.random.default_rng(seed)
     out = []
     for count in (train_size, 500, 1000):
-        tokens = rng.integers(3, vocabulary, (count, length))
-        for row in tokens:
-            a, b = rng.choice(length, 2, replace=False)
-            row[a], row[b] = 1, 2
-        labels = (np.argmax(tokens == 1, 1) < np.argmax(tokens == 2, 1))
+        tokens = rng.integers(1, vocabulary, (count, length))
+        lower = (tokens < vocabulary // 2).sum(axis=1)
+        labels = np.where(lower == length // 2, tokens[:, 0] < vocabulary // 2,
+                          lower > length // 2)
         out.append((tokens.astype("int32"), labels.astype("int32")))
     return out
 

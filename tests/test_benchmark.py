@@ -251,6 +251,15 @@ def test_tiny_deep_suite_reports_accuracy_and_time_to_batchnorm(tmp_path):
 
     assert without_command((again / "report.md").read_text()) == (
         without_command(report))
+    # Reported again in place, the folder keeps its own cost table.
+    benchmark.main([
+        "--deep", "--tasks", "deep_mlp", "--batch-sizes", "64",
+        "--seeds", "0", "1", "--train-size", "512", "--methods", "batchnorm",
+        "bnp", "--report-only", "--out-dir", str(again)])
+    assert json.loads((again / "timing.json").read_text()) == {
+        "deep_mlp": {"64": timing}}
+    assert without_command((again / "report.md").read_text()) == (
+        without_command(report))
     assert "![deep_mlp, batch size 64](deep_mlp_bs64_progress.png)" in report
     png = (out / "deep_mlp_bs64_progress.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
