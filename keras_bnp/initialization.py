@@ -78,7 +78,9 @@ def plan(model):
     model gets an empty plan with the reason.
     """
     graph = model._functional if isinstance(model, keras.Sequential) else model
-    if not isinstance(graph, registry.Functional) or graph is None:
+    if graph is None:
+        return Plan((), "the Sequential model is not built")
+    if not isinstance(graph, registry.Functional):
         return Plan((), (
             f"{type(model).__name__} is a subclassed model, whose graph "
             "between layers is not visible"))
@@ -199,12 +201,7 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
             "scale_to_unit_variance runs eagerly; call it outside "
             "tf.function."
         )
-    # As `fit` passes them: tensors (a Functional model of one input, built
-    # from a list, warns about a NumPy array).
-    inputs = keras.tree.map_structure(
-        lambda a: a if isinstance(a, (tf.Tensor, tf.SparseTensor,
-                                      tf.RaggedTensor))
-        else tf.convert_to_tensor(a), inputs)
+    inputs = as_tensors(inputs)
     if not model.built:
         # Building may trace the model symbolically; keep that out of the
         # measured pass, and let Keras record the build.
@@ -254,10 +251,8 @@ def initial_scaling(model, x, sample_weight=None):
     count = int(tf.reduce_sum(tf.cast(weights > 0, tf.int32)))
     layers = plan(model)
     reason = layers.reason or freshness(layers.layers)
-    if reason is None and not all(
-            bool(tf.reduce_all(tf.math.is_finite(leaf)))
-            for leaf in map(tf.convert_to_tensor, keras.tree.flatten(x))
-            if leaf.dtype.is_floating):
+    if reason is None and not all(map(_finite, keras.tree.flatten(
+            as_tensors(x)))):
         reason = "the measured examples contain NaN or Inf"
     if reason is None and count < MIN_EXAMPLES:
         reason = (f"the first batch has {count} examples with a weight "
@@ -277,6 +272,23 @@ def initial_scaling(model, x, sample_weight=None):
         f"have variance 1 on {count} training examples (kernel factors "
         f"{min(scales.values()):.3g} to {max(scales.values()):.3g}); pass "
         "BNP(initial_scaling=False) to keep the weights as they are.")
+
+
+def as_tensors(inputs):
+    """`inputs` as `fit` passes them to the model: tensors (a Functional
+    model of one input, built from a list, warns about a NumPy array)."""
+    return keras.tree.map_structure(
+        lambda a: a if isinstance(a, (tf.Tensor, tf.SparseTensor,
+                                      tf.RaggedTensor))
+        else tf.convert_to_tensor(a), inputs)
+
+
+def _finite(tensor):
+    """Whether a float tensor's values are all finite (others: True)."""
+    if isinstance(tensor, (tf.SparseTensor, tf.RaggedTensor)):
+        tensor = tensor.values
+    return not tensor.dtype.is_floating or bool(
+        tf.reduce_all(tf.math.is_finite(tensor)))
 
 
 def _scale(layer, outputs, weights, target_variance, scales, name):
@@ -321,7 +333,9 @@ def _example_weights(sample_weight, inputs):
     """Float64 weights `(batch,)`: `sample_weight` averaged over its
     non-batch axes, or ones."""
     if sample_weight is None:
-        batch = tf.shape(keras.tree.flatten(inputs)[0])[0]
+        first = keras.tree.flatten(as_tensors(inputs))[0]
+        batch = (first.dense_shape[0] if isinstance(first, tf.SparseTensor)
+                 else tf.shape(first)[0])
         return tf.ones([batch], tf.float64)
     weights = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
     if weights.shape.rank > 1:

@@ -111,8 +111,7 @@ class BNPMixin:
             # Keras builds a model without a strategy in the first step's
             # trace; built here, BNP tracks its layers before that step.
             with self.distribute_strategy.scope():
-                self(keras.tree.map_structure(tf.convert_to_tensor, x),
-                     training=False)
+                self(initialization.as_tensors(x), training=False)
             self._build_bnp_state()
         with self.distribute_strategy.scope():
             scales, line = initialization.initial_scaling(

@@ -450,7 +450,8 @@ def report(config, results, command):
         f"{', '.join(map(str, config['seeds'][1:])) or '(none)'} at that "
         "rate. Test loss (lower is better): mean ± standard deviation over "
         "the seeds. 'vs SGD' is BNP's mean minus SGD's, in units of the "
-        "larger of their two standard deviations.", "",
+        "larger of their two standard deviations (below 0: BNP's loss is "
+        "lower).", "",
         "| model | BNP (rate) | SGD (rate) | Adam (rate) | BNP vs SGD | "
         "layers scaled | BNP, `initial_scaling=False` (rate) |",
         "|---|---|---|---|---|---|---|",
@@ -468,6 +469,9 @@ def report(config, results, command):
         if bnp and sgd:
             spread = max(bnp["test_std"], sgd["test_std"], 1e-12)
             versus = f"{(bnp['test_mean'] - sgd['test_mean']) / spread:+.1f}"
+            for label, entry in (("SGD", sgd), ("BNP", bnp)):
+                if not math.isfinite(entry["test_mean"]):
+                    versus = f"{label} diverged"
         lines.append("| " + " | ".join(
             [name] + [cell(methods[m]) if m in methods else ""
                       for m in ("bnp", "sgd", "adam")]
