@@ -201,6 +201,19 @@ def year_table(count, seed):
     return x, y[:, None]
 
 
+def year_mlp(seed=0):
+    """The MLP 4-32-32-1 that `docs/defaults.md` trains on `year_table`."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras_bnp.BNPSequential([
+        keras.Input((4,)),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(1),
+    ])
+
+
 def _table(count, rng):
     """Raw columns: a year, a price spanning four decades, three
     standardized ones; a smooth non-linear target."""

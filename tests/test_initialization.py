@@ -106,13 +106,7 @@ def test_raw_columns_train_without_diverging(learning_rate):
     # it, this network diverges at 0.03 and fits this linear target better
     # at 0.01 and below: docs/defaults.md.)
     x, y = _tabular()
-    keras.utils.set_random_seed(0)
-    model = keras_bnp.BNPSequential([
-        keras.Input((4,)),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(1),
-    ])
+    model = zoo.year_mlp(seed=0)
     model.compile(optimizer=keras_bnp.BNP(learning_rate), loss="mse")
     losses = model.fit(x, y, batch_size=32, epochs=4, verbose=0,
                        shuffle=False).history["loss"]

@@ -9,9 +9,8 @@ validation MSE on 512 other rows.
 
 import warnings
 
-import keras
-
 import keras_bnp
+from keras_bnp.zoo import year_mlp
 from keras_bnp.zoo import year_table as table
 
 warnings.simplefilter("ignore")
@@ -21,13 +20,7 @@ print("learning rate | initial scaling | training loss per epoch | "
       "validation MSE")
 for learning_rate in (0.003, 0.01, 0.03):
     for scaling in (True, False):
-        keras.utils.set_random_seed(0)
-        model = keras_bnp.BNPSequential([
-            keras.Input((4,)),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(1),
-        ])
+        model = year_mlp(seed=0)
         model.compile(optimizer=keras_bnp.BNP(
             learning_rate, initial_scaling=scaling), loss="mse")
         losses = model.fit(x, y, batch_size=32, epochs=5,
