@@ -30,6 +30,7 @@ from keras_bnp import rules
 # fewest (with a weight above 0) it measures at all.
 EXAMPLES = 256
 MIN_EXAMPLES = 16
+_SQRT_FLOAT32_MAX = float(np.sqrt(np.finfo(np.float32).max))
 
 # Layers through which a change of scale of an input is harmless to the
 # scaling: elementwise activations (which the next scaled layer's unit
@@ -253,7 +254,8 @@ def initial_scaling(model, x, sample_weight=None):
     reason = layers.reason or freshness(layers.layers)
     if reason is None and not all(map(_finite, keras.tree.flatten(
             as_tensors(x)))):
-        reason = "the measured examples contain NaN or Inf"
+        reason = ("the measured examples contain NaN or Inf, or values "
+                  "whose squares overflow float32")
     if reason is None and count < MIN_EXAMPLES:
         reason = (f"the first batch has {count} examples with a weight "
                   f"above 0, fewer than the {MIN_EXAMPLES} it needs; call "
@@ -284,11 +286,12 @@ def as_tensors(inputs):
 
 
 def _finite(tensor):
-    """Whether a float tensor's values are all finite (others: True)."""
+    """Whether a float tensor's values are all finite and their squares
+    too in float32, as BNP's statistics require (others: True)."""
     if isinstance(tensor, (tf.SparseTensor, tf.RaggedTensor)):
         tensor = tensor.values
-    return not tensor.dtype.is_floating or bool(
-        tf.reduce_all(tf.math.is_finite(tensor)))
+    return not tensor.dtype.is_floating or bool(tf.reduce_all(
+        tf.abs(tf.cast(tensor, tf.float64)) < _SQRT_FLOAT32_MAX))
 
 
 def _scale(layer, outputs, weights, target_variance, scales, name):

@@ -378,9 +378,12 @@ def test_arrays_are_measured_on_their_first_256_examples(capsys):
         "are." in line
 
 
-def test_non_finite_first_examples_are_not_measured(capsys):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 3e19])
+def test_non_finite_first_examples_are_not_measured(bad, capsys):
+    # 3e19 is finite, but its square overflows float32: one such value
+    # would shrink a layer's scale by 1e-19.
     x, y = _batches(2, 32)
-    x[5, 3] = np.nan
+    x[5, 3] = bad
     model = _dense_net()
     model.compile(optimizer=keras_bnp.BNP(0.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(True))
@@ -388,4 +391,5 @@ def test_non_finite_first_examples_are_not_measured(capsys):
         model.fit(x, y, batch_size=64, verbose=2)
     assert model.optimizer.initial_scales == {}
     assert ("BNP: initial scaling skipped: the measured examples contain "
-            "NaN or Inf.") in capsys.readouterr().out
+            "NaN or Inf, or values whose squares overflow float32."
+            ) in capsys.readouterr().out
