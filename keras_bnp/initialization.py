@@ -17,6 +17,7 @@ scaled layer or the model's outputs, is one whose effect of a change of
 scale is known (`_UNDERSTOOD`).
 """
 
+import collections
 import dataclasses
 
 import keras
@@ -212,7 +213,14 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
         raise ValueError(
             "scale_to_unit_variance found no layer to scale in model "
             f"'{model.name}': {layers.reason}.")
-    weights = _example_weights(sample_weight, inputs)
+    return _scale_layers(model, layers.layers, inputs,
+                         _example_weights(sample_weight, inputs),
+                         target_variance)
+
+
+def _scale_layers(model, layers, inputs, weights, target_variance=1.0):
+    """`scale_to_unit_variance` of `layers` (a non-empty `plan`) on tensor
+    `inputs` with example `weights`."""
     if not (bool(tf.reduce_all(weights >= 0))
             and float(tf.reduce_sum(weights)) > 0):
         raise ValueError(
@@ -237,7 +245,7 @@ def scale_to_unit_variance(model, inputs, target_variance=1.0,
 
         return measured
 
-    with registry.patched_calls(layers.layers, scaled_call):
+    with registry.patched_calls(layers, scaled_call):
         model(inputs, training=False)
     return scales
 
@@ -248,12 +256,12 @@ def initial_scaling(model, x, sample_weight=None):
     factors applied and the one line that says what was done or why not
     (the weights were trained or loaded, too few examples have a weight
     above 0, the examples are not finite, or `plan` is empty)."""
+    x = as_tensors(x)
     weights = _example_weights(sample_weight, x)
     count = int(tf.reduce_sum(tf.cast(weights > 0, tf.int32)))
     layers = plan(model)
     reason = layers.reason or freshness(layers.layers)
-    if reason is None and not all(map(_finite, keras.tree.flatten(
-            as_tensors(x)))):
+    if reason is None and not all(map(_finite, keras.tree.flatten(x))):
         reason = ("the measured examples contain NaN or Inf, or values "
                   "whose squares overflow float32")
     if reason is None and count < MIN_EXAMPLES:
@@ -263,7 +271,7 @@ def initial_scaling(model, x, sample_weight=None):
                   "examples before fit")
     scales = {}
     if reason is None:
-        scales = scale_to_unit_variance(model, x, sample_weight=sample_weight)
+        scales = _scale_layers(model, layers.layers, x, weights)
         if not scales:
             reason = ("no layer's pre-activations vary on the measured "
                       "examples")
@@ -334,9 +342,9 @@ def _scale(layer, outputs, weights, target_variance, scales, name):
 
 def _example_weights(sample_weight, inputs):
     """Float64 weights `(batch,)`: `sample_weight` averaged over its
-    non-batch axes, or ones."""
+    non-batch axes, or ones for the examples of `inputs` (tensors)."""
     if sample_weight is None:
-        first = keras.tree.flatten(as_tensors(inputs))[0]
+        first = keras.tree.flatten(inputs)[0]
         batch = (first.dense_shape[0] if isinstance(first, tf.SparseTensor)
                  else tf.shape(first)[0])
         return tf.ones([batch], tf.float64)
@@ -349,9 +357,7 @@ def _example_weights(sample_weight, inputs):
 def _names(layers):
     """`name(layer)`: its name, or its path where names repeat (keras-hub's
     "query", ...)."""
-    counts = {}
-    for layer in layers:
-        counts[layer.name] = counts.get(layer.name, 0) + 1
+    counts = collections.Counter(layer.name for layer in layers)
     return lambda layer: layer.name if counts[layer.name] == 1 else layer.path
 
 

@@ -107,13 +107,13 @@ class BNPMixin:
     def _scale_initially(self, scaling, x, sample_weight):
         """BNP's `initial_scaling` on `x`, with its one line printed when
         `fit` is verbose."""
-        if not self.built:
-            # Keras builds a model without a strategy in the first step's
-            # trace; built here, BNP tracks its layers before that step.
-            with self.distribute_strategy.scope():
-                self(initialization.as_tensors(x), training=False)
-            self._build_bnp_state()
         with self.distribute_strategy.scope():
+            if not self.built:
+                # Keras builds a model without a strategy in the first
+                # step's trace; built here, BNP tracks its layers before
+                # that step.
+                self(initialization.as_tensors(x), training=False)
+                self._build_bnp_state()
             scales, line = initialization.initial_scaling(
                 self, x, sample_weight)
         scaling.bnp.initial_scales = scales
