@@ -34,16 +34,26 @@ class RawMomentStatistics:
         self.first = np.zeros(channels)
         self.second = np.zeros(channels)
 
-    def update(self, inputs, channel_axis):
-        flat = np.concatenate([
-            np.moveaxis(np.asarray(x, np.float64), channel_axis, -1).reshape(
-                -1, np.shape(x)[channel_axis])
-            for x in inputs
-        ])
+    def update(self, inputs, channel_axis, weights=None):
+        """One step on the calls `inputs`; `weights`, per call, the weight
+        of each position (the call's shape without the channel axis, or
+        its leading axes: per example), or `None` for 1. A position of
+        weight 0 is left out, whatever its values."""
+        rows, row_weights = [], []
+        for i, x in enumerate(inputs):
+            x = np.moveaxis(np.asarray(x, np.float64), channel_axis, -1)
+            w = np.ones(x.shape[:-1]) if weights is None else np.asarray(
+                weights[i], np.float64)
+            w = np.broadcast_to(w.reshape(w.shape + (1,) * (
+                x.ndim - 1 - w.ndim)), x.shape[:-1])
+            rows.append(x.reshape(-1, x.shape[-1]))
+            row_weights.append(w.reshape(-1))
+        flat, w = np.concatenate(rows), np.concatenate(row_weights)
+        flat = np.where(w[:, None] > 0, flat, 0.0)
         beta = self.momentum
-        self.count = beta * self.count + len(flat)
-        self.first = beta * self.first + flat.sum(axis=0)
-        self.second = beta * self.second + (flat**2).sum(axis=0)
+        self.count = beta * self.count + w.sum()
+        self.first = beta * self.first + w @ flat
+        self.second = beta * self.second + w @ flat**2
 
     @property
     def mean(self):

@@ -74,12 +74,16 @@ class StatisticsLogger(keras.callbacks.Callback):
             self._writer = None
 
 
-class NonFiniteInputWarning(keras.callbacks.Callback):
-    """Warns once per cause when BNP skipped statistics updates: inputs with
-    NaN or Inf, or finite inputs whose squares overflow float32.
+class StatisticsWarnings(keras.callbacks.Callback):
+    """Warns, once per optimizer and cause, about statistics BNP could not
+    use: skipped updates (inputs with NaN or Inf, or finite inputs whose
+    squares overflow float32), and, with `statistics_momentum=0`, layers
+    that see one value per input channel in a step (batch size 1), whose
+    variance is then 0 and whose centred kernel gradient is only rounding.
 
-    `BNPMixin.fit` adds it; the check runs at the end of each epoch, so no
-    training step waits for the host.
+    `BNPMixin.fit` adds it for every BNP the model holds. It reads the
+    optimizers after the first step and at the end of each epoch, so no
+    other training step waits for the host.
     """
 
     _CAUSES = {
@@ -94,20 +98,44 @@ class NonFiniteInputWarning(keras.callbacks.Callback):
         "keras.layers.Normalization layer, or use smaller batches.",
     }
 
-    def __init__(self):
+    def __init__(self, bnps):
         super().__init__()
+        self.bnps = list(bnps)
         self._warned = set()
 
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            self._check(None)
+
     def on_epoch_end(self, epoch, logs=None):
-        bnp = find_bnp(self.model.optimizer)
-        if bnp is None:
-            return
-        for cause, skipped in bnp.skipped_statistics_updates_by_cause.items():
-            if skipped and cause not in self._warned:
-                self._warned.add(cause)
+        self._check(epoch)
+
+    def _check(self, epoch):
+        when = ("in the first step" if epoch is None
+                else f"up to epoch {epoch + 1}")
+        for bnp in self.bnps:
+            for cause, skipped in (
+                    bnp.skipped_statistics_updates_by_cause.items()):
+                if skipped and (id(bnp), cause) not in self._warned:
+                    self._warned.add((id(bnp), cause))
+                    warnings.warn(
+                        f"BNP '{bnp.name}' skipped {skipped} statistics "
+                        f"update(s) ({when}) because {self._CAUSES[cause]} "
+                        "The running statistics were left unchanged.",
+                        stacklevel=2,
+                    )
+            single = bnp.single_value_layers()
+            if single and (id(bnp), "single") not in self._warned:
+                self._warned.add((id(bnp), "single"))
                 warnings.warn(
-                    f"BNP skipped {skipped} statistics update(s) (up to epoch "
-                    f"{epoch + 1}) because {self._CAUSES[cause]} The running "
-                    "statistics were left unchanged.",
+                    f"BNP '{bnp.name}' has statistics_momentum=0, so each "
+                    "step's statistics are of that step's batch alone, and "
+                    f"layer(s) {single} saw one value per input channel "
+                    f"({when}): their variance is 0 and their mean is the "
+                    "input itself, so their centred kernel gradient is 0 "
+                    "but for rounding, and those kernels do not learn from "
+                    "the data. Use a "
+                    "statistics_momentum above 0 (the default 0.99 "
+                    "averages about 100 steps) at batch size 1.",
                     stacklevel=2,
                 )

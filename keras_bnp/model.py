@@ -11,7 +11,9 @@ import tensorflow as tf
 
 from keras_bnp import coverage
 from keras_bnp import initialization
-from keras_bnp.callbacks import NonFiniteInputWarning
+from keras_bnp.callbacks import StatisticsWarnings
+from keras_bnp.optimizer import attached
+from keras_bnp.optimizer import capture_step
 from keras_bnp.optimizer import find_bnp
 
 _FIT = inspect.signature(keras.Model.fit)
@@ -23,13 +25,16 @@ class BNPMixin:
     Put it first among the bases: `class Net(BNPMixin, keras.Model)`. The
     training step is `train_step`, overridden only to record the inputs of
     the model's preconditioned layers during the forward pass; loss, metrics and
-    the optimizer call are Keras' own `train_step`. A model with its own
-    `train_step` wraps its forward pass and `apply_gradients` in
-    `with self.bnp_capture():`. Besides, it creates
+    the optimizer call are Keras' own `train_step`; the step's sample
+    weights (from `sample_weight` or `class_weight`) weigh the
+    statistics as they weigh the loss. A model with its own `train_step`
+    wraps its forward pass and `apply_gradients` in
+    `with self.bnp_capture(sample_weight):`. Besides, it creates
     BNP's state before it is needed (`make_train_function`,
     `compile_from_config` and `load_weights`, so that training under a
     distribution strategy and every kind of restore find it), and `fit`
-    adds a callback that warns about NaN/Inf inputs. It never overrides
+    adds a callback that warns about NaN/Inf inputs (for every BNP the
+    model holds, see `bnp_capture`). It never overrides
     `compile`. `evaluate` and `predict` are untouched. With an optimizer
     other than `BNP` the model trains exactly as without the mixin.
 
@@ -38,43 +43,52 @@ class BNPMixin:
     """
 
     def train_step(self, data):
-        with self.bnp_capture():
+        _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # Keras' `compute_loss` adds the regularization penalties.
+        with self.bnp_capture(sample_weight, regularized=True):
             return super().train_step(data)
 
     @contextlib.contextmanager
-    def bnp_capture(self):
+    def bnp_capture(self, sample_weight=None, regularized=False):
         """Records, for one training step, the layer inputs that `BNP`
-        needs; nothing when the model's optimizer is not (or does not wrap)
-        a `BNP`. A model that overrides `train_step` runs its forward pass
-        and `apply_gradients` inside `with self.bnp_capture():`."""
-        bnp = find_bnp(getattr(self, "optimizer", None))
-        if bnp is None:
+        needs, weighted by `sample_weight`: for the model's optimizer and
+        for each optimizer the model holds as an attribute (a GAN's
+        `d_optimizer` and `g_optimizer`) that is a BNP; each keeps the
+        statistics of the layers whose kernels it trains. Nothing without
+        a BNP. A model that overrides `train_step` runs its forward pass and
+        `apply_gradients` inside `with self.bnp_capture(sample_weight):`,
+        one `with` per optimizer step; with `regularized=True` if its loss
+        adds `self.losses` (see `BNP.capture`)."""
+        bnps = attached(self)
+        if not bnps:
             yield
             return
-        with bnp.capture(self):
+        with capture_step(self, bnps, sample_weight, regularized):
             yield
 
     def fit(self, *args, **kwargs):
         # Arranges BNP's initial scaling for the first step, and adds
         # callbacks that report what BNP preconditions (at the start of a
-        # fresh BNP's first fit) and warn (once, at an epoch end) if BNP
-        # skipped statistics updates on NaN/Inf inputs; everything else is
-        # Keras'.
-        bnp = find_bnp(getattr(self, "optimizer", None))
-        if bnp is None:
+        # fresh BNP's first fit) and warn (at an epoch end) about
+        # statistics it could not use; everything else is Keras'.
+        bnps = attached(self)
+        if not bnps:
             return super().fit(*args, **kwargs)
+        bnp = find_bnp(getattr(self, "optimizer", None))
         arguments = _FIT.bind(self, *args, **kwargs).arguments
         del arguments["self"]
         verbose = arguments.get("verbose", "auto")
-        if bnp.initial_scaling and int(bnp.iterations.numpy()) == 0:
+        added = [StatisticsWarnings(bnps)]
+        if bnp is not None:
+            added.insert(0, _CoverageReport(bnp, verbose))
+        if (bnp is not None and bnp.initial_scaling
+                and int(bnp.iterations.numpy()) == 0):
             self.__dict__["_bnp_scaling"] = _Scaling(
                 bnp, verbose != 0, initialization.fit_batch(
                     arguments.get("x"), arguments.get("y"),
                     arguments.get("sample_weight"),
                     arguments.get("class_weight")))
-        arguments["callbacks"] = _with(
-            arguments.get("callbacks"),
-            [_CoverageReport(bnp, verbose), NonFiniteInputWarning()])
+        arguments["callbacks"] = _with(arguments.get("callbacks"), added)
         try:
             return super().fit(**arguments)
         finally:
@@ -137,12 +151,13 @@ class BNPMixin:
         strategy, also keeps variable creation out of the step.
         """
         bnp = find_bnp(getattr(self, "optimizer", None))
-        if bnp is None or not self.built:
-            return
         with self.distribute_strategy.scope():
-            if not self.optimizer.built:
+            if bnp is not None and self.built and not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
-            bnp.track(self)
+            # The others (a GAN's) once built with their variables.
+            for other in attached(self):
+                if other.built:
+                    other.track(self)
 
 
 @dataclasses.dataclass

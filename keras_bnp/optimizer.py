@@ -39,8 +39,9 @@ _MISSING_CAPTURE = (
     "`keras_bnp.BNPModel(inputs, outputs)` or "
     "`keras_bnp.BNPSequential([...])`, or put `BNPMixin` first in your "
     "class: `class Net(keras_bnp.BNPMixin, keras.Model)`. In a custom "
-    "training loop, run the forward pass and `apply_gradients` inside "
-    "`with optimizer.capture(model):`."
+    "training loop, or with a BNP that the model does not hold as its "
+    "optimizer or as an attribute, run the forward pass and "
+    "`apply_gradients` inside `with optimizer.capture(model):`."
 )
 
 _CUSTOM_STEP = (
@@ -48,10 +49,14 @@ _CUSTOM_STEP = (
     "BNPMixin's training step, which records the inputs of the model's "
     "preconditioned layers for BNP, does not run. Run the forward pass and "
     "`apply_gradients` of your `train_step` inside "
-    "`with self.bnp_capture():` (it does nothing with an optimizer other "
-    "than BNP), e.g.\n\n"
+    "`with self.bnp_capture(sample_weight):` (it records for the model's "
+    "optimizer and every optimizer the model holds as an attribute, such "
+    "as a GAN's `d_optimizer`, that is a BNP; `sample_weight` may be "
+    "`None`), e.g.\n\n"
     "    def train_step(self, data):\n"
-    "        with self.bnp_capture():\n"
+    "        x, y, sample_weight = "
+    "keras.utils.unpack_x_y_sample_weight(data)\n"
+    "        with self.bnp_capture(sample_weight):\n"
     "            with tf.GradientTape() as tape:\n"
     "                loss = ...  # the forward pass\n"
     "            grads = tape.gradient(loss, self.trainable_weights)\n"
@@ -329,6 +334,8 @@ class BNP(keras.optimizers.Optimizer):
         # Python-side bookkeeping, kept out of Keras' variable tracking.
         self.__dict__["_slots"] = {}
         self.__dict__["_step_inputs"] = None
+        self.__dict__["_step_weights"] = None
+        self.__dict__["_step_regularized"] = False
         self.__dict__["_step_nested"] = {}
         self.__dict__["_model"] = None  # a weak reference, once tracked
         self.__dict__["_places"] = None  # cache of `_saved_places`
@@ -384,11 +391,14 @@ class BNP(keras.optimizers.Optimizer):
 
     def _track(self, model, layers):
         """`layers`: `model`'s supported layers, in `supported_layers`
-        order."""
-        blocks = {_key(block.kernel): block for layer in layers
-                  for block in rules.blocks(layer)}
+        order. Once BNP is built, it keeps the statistics of the blocks
+        whose kernels it trains only (a GAN's two optimizers each train
+        part of one model)."""
         built_for = {_key(v) for v in getattr(self, "_trainable_variables",
                                               [])}
+        blocks = {_key(block.kernel): block for layer in layers
+                  for block in rules.blocks(layer)
+                  if not self.built or _key(block.kernel) in built_for}
         if self.built and model.trainable_variables and not any(
                 _key(v) in built_for for v in model.trainable_variables):
             raise ValueError(
@@ -406,19 +416,22 @@ class BNP(keras.optimizers.Optimizer):
                 continue
             channels = (block.features_count,)
             name = block.label.replace("/", "_")
+            # float64 layers get float64 statistics; all others float32.
+            dtype = ("float64" if block.kernel.dtype == "float64"
+                     else "float32")
             self._slots[key] = _Slot(
                 rank=rank,
                 label=block.label,
                 block_name=block.name,
                 layer_class=type(block.layer).__name__,
                 moving_mean=self._statistics_variable(
-                    channels, "zeros", f"{name}_moving_mean"
+                    channels, "zeros", f"{name}_moving_mean", dtype
                 ),
                 moving_variance=self._statistics_variable(
-                    channels, "ones", f"{name}_moving_variance"
+                    channels, "ones", f"{name}_moving_variance", dtype
                 ),
                 moving_count=self._statistics_variable(
-                    (), "zeros", f"{name}_moving_count"
+                    (), "zeros", f"{name}_moving_count", dtype
                 ),
             )
         self.__dict__["_model"] = weakref.ref(model)
@@ -461,7 +474,8 @@ class BNP(keras.optimizers.Optimizer):
         return [v for v in self._variables if id(v) not in
                 statistics_variables and id(v) not in self._released]
 
-    def _statistics_variable(self, shape, initializer, name):
+    def _statistics_variable(self, shape, initializer, name,
+                             dtype="float32"):
         # Under a tf.distribute strategy each replica keeps its own copy and
         # assigns it without communication: the batch sums are all-reduced
         # first (`_all_replica_sums`), so the copies are identical, and a
@@ -471,7 +485,7 @@ class BNP(keras.optimizers.Optimizer):
             variable = keras.Variable(
                 initializer,
                 shape=shape,
-                dtype="float32",
+                dtype=dtype,
                 trainable=False,
                 aggregation="mean",
                 synchronization="on_read",
@@ -480,31 +494,19 @@ class BNP(keras.optimizers.Optimizer):
         self._track_variable(variable)
         return variable
 
-    @contextlib.contextmanager
-    def capture(self, model):
+    def capture(self, model, sample_weight=None, regularized=False):
         """Records the inputs of `model`'s supported layers for one step.
 
         The forward pass and `apply_gradients` of one training step must run
         inside this context. `BNPMixin.train_step` does this for `fit`, and
         `BNPMixin.bnp_capture` for a model's own `train_step`.
+        `sample_weight` (the step's, as the loss gets it) weighs each
+        example in the statistics; `None` weighs all equally.
+        `regularized=True` says that the loss includes the layers'
+        regularization penalties (`model.losses`, as Keras' `compute_loss`
+        adds them): their gradients are then not preconditioned.
         """
-        layers = registry.supported_layers(model)
-        self._track(model, layers)
-        # A deferred-build layer gets its statistics on its first call.
-        on_first_call = lambda layer: self._track(model, layers)  # noqa: E731
-        nested = {}  # {layer: {construct, ...}}, see `_called`
-
-        def on_nested_call(layer, construct):
-            nested.setdefault(layer, set()).add(construct)
-
-        with registry.capture_inputs(layers, on_first_call,
-                                     on_nested_call) as captured:
-            self.__dict__["_step_inputs"] = captured
-            self.__dict__["_step_nested"] = nested
-            try:
-                yield
-            finally:
-                self.__dict__["_step_inputs"] = None
+        return capture_step(model, [self], sample_weight, regularized)
 
     def apply(self, grads, trainable_variables=None):
         step_inputs = self._step_inputs
@@ -512,6 +514,7 @@ class BNP(keras.optimizers.Optimizer):
             raise RuntimeError(
                 _missing_capture(self._model and self._model()))
         self.__dict__["_step_inputs"] = None
+        weights, regularized = self._step_weights, self._step_regularized
         # A copy: under a tf.distribute strategy, while this replica waits
         # in an all-reduce, the next one's forward pass runs through the
         # layers this one patched and records its inputs here too.
@@ -520,12 +523,20 @@ class BNP(keras.optimizers.Optimizer):
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
+            model = self._model and self._model()
+            if model is not None:
+                self._track(model, registry.supported_layers(model))
         self._build_inner()
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         grads = list(grads)
+        # The layers this BNP trains (not those of a second optimizer).
+        step_inputs = {layer: inputs for layer, inputs in step_inputs.items()
+                       if any(_key(block.kernel) in self._slots
+                              for block in rules.blocks(layer))}
         called = self._called(step_inputs, dict(self._step_nested))
-        blocks = [block for layer in called for block in rules.blocks(layer)]
+        blocks = [block for layer in called for block in rules.blocks(layer)
+                  if _key(block.kernel) in self._slots]
         if not blocks:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
@@ -538,8 +549,9 @@ class BNP(keras.optimizers.Optimizer):
         # The first update of a block (no running mean yet) centres its sums
         # on values of the batch, the same on every replica.
         first_sums = _all_replica_sums([
-            statistics.shift_sums(x, axis, _mask(x))
-            for (x, axis), *_ in features
+            statistics.shift_sums(x, axis, _mask(x), weights,
+                                  slot.moving_mean.dtype)
+            for slot, ((x, axis), *_) in zip(slots, features)
         ])
         shifts, variances = [], []
         for slot, (total, count) in zip(slots, first_sums):
@@ -551,7 +563,7 @@ class BNP(keras.optimizers.Optimizer):
         # The input sums run as TensorFlow ops (on CPU, their multi-threaded
         # reductions beat XLA's) and are all-reduced across replicas.
         sums = _all_replica_sums([
-            _input_sums(calls, shift, variance)
+            _input_sums(calls, shift, variance, weights)
             for calls, shift, variance in zip(features, shifts, variances)
         ])
         # The inner optimizer's update joins the compiled update below,
@@ -563,8 +575,23 @@ class BNP(keras.optimizers.Optimizer):
         # means are read inside.
         sums = [(_static(count), *rest) for count, *rest in sums]
 
+        # Keras' loss adds the layers' regularization penalties (divided by
+        # the number of replicas): their gradients go around the
+        # preconditioning, so that a penalty's strength does not depend on
+        # the units of the layer's inputs.
+        penalized = sorted({
+            i for block_indices in indices for i in block_indices
+            if i is not None and grads[i] is not None and getattr(
+                trainable_variables[i], "regularizer", None) is not None
+        }) if regularized else []
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+
         def update(sums, shifts, grads):
             grads = list(grads)  # tf.function forbids changing its argument
+            penalties = {i: _penalty_gradient(trainable_variables[i])
+                         / replicas for i in penalized}
+            for i, penalty in penalties.items():
+                grads[i] = grads[i] - penalty
             skipped = []
             for block, slot, block_sums, shift, block_indices in zip(
                     blocks, slots, sums, shifts, indices):
@@ -594,6 +621,8 @@ class BNP(keras.optimizers.Optimizer):
                                        block.scatter(*new_grads, block_grads)):
                     if index is not None and grad is not None:
                         grads[index] = grad
+            for i, penalty in penalties.items():
+                grads[i] = grads[i] + penalty
             self.assign_add(self._skipped_updates, tf.add_n(skipped))
             if distributed:
                 return grads
@@ -702,6 +731,16 @@ class BNP(keras.optimizers.Optimizer):
         counts = (self._skipped_updates.numpy() if self.built
                   else [0] * len(SKIP_CAUSES))
         return {cause: int(n) for cause, n in zip(SKIP_CAUSES, counts)}
+
+    def single_value_layers(self):
+        """With `statistics_momentum=0`, the labels of the layers whose
+        last statistics update had at most one value per input channel
+        (so variance 0, and a mean equal to the input); else `[]`."""
+        if self.statistics_momentum != 0:
+            return []
+        return [slot.label for slot in sorted(self._slots.values(),
+                                              key=lambda s: s.rank)
+                if 0 < float(slot.moving_count.numpy()) <= 1]
 
     def statistics_summary(self, near_constant=1e-6):
         """Per tracked layer (in model order), a dict of diagnostics:
@@ -846,6 +885,17 @@ class BNP(keras.optimizers.Optimizer):
         # A BNP saved before it was built (a model never trained) has only
         # Keras' own two variables.
         unbuilt = saved <= {"iteration", "learning_rate"}
+        if not self.built and not unbuilt:
+            raise ValueError(
+                f"Optimizer '{self.name}' is not built, so it cannot take "
+                f"the saved state{where} (its layer statistics and inner "
+                "optimizer's state are per variable). A model's optimizer "
+                "is built by `load_weights` itself; build any other "
+                "optimizer with the variables it trains before loading, as "
+                "for every Keras optimizer, e.g. for a GAN: "
+                "`gan.d_optimizer.build(gan.discriminator."
+                "trainable_variables)` and the same for `g_optimizer`."
+            )
         if saved != set(state) and not unbuilt:
             raise ValueError(
                 f"The saved state of optimizer '{self.name}'{where} does not "
@@ -899,7 +949,8 @@ class BNP(keras.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
+        self.inner_optimizer.learning_rate = _checked_learning_rate(
+            learning_rate)
 
     @property
     def iterations(self):
@@ -939,13 +990,15 @@ def _mask(inputs):
     return getattr(inputs, "_keras_mask", None)
 
 
-def _input_sums(calls, shift, variance):
+def _input_sums(calls, shift, variance, weights):
     """`(count, sum(x - shift), sum((x - shift)^2))` pooled over the
     `(x, channel_axis)` of all of a block's calls in this step, given its
     running variance (see `statistics.input_sums`), without the positions
-    that a Keras mask on `x` leaves out."""
+    that a Keras mask on `x` leaves out, weighted by the step's sample
+    weights."""
     per_call = [
-        statistics.input_sums(x, axis, shift, variance, mask=_mask(x))
+        statistics.input_sums(x, axis, shift, variance, mask=_mask(x),
+                              weights=weights)
         for x, axis in calls
     ]
     return [tf.add_n(list(parts)) for parts in zip(*per_call)]
@@ -995,6 +1048,15 @@ def _layer_update(
     return new_mean, new_variance, new_count, skips, grad_kernel, grad_bias
 
 
+def _penalty_gradient(variable):
+    """The gradient of `variable`'s own regularization penalty."""
+    value = tf.convert_to_tensor(variable)
+    with tf.GradientTape() as tape:
+        tape.watch(value)
+        penalty = variable.regularizer(value)
+    return tape.gradient(penalty, value)
+
+
 def _static(count):
     """`count` as a Python float if it is known when tracing."""
     value = tf.get_static_value(count)
@@ -1040,6 +1102,52 @@ def find_bnp(optimizer):
     return optimizer
 
 
+def attached(model):
+    """The BNPs `model` trains with, each once: its optimizer's, then
+    those it holds as attributes (the optimizers that a GAN's own
+    `compile` sets, such as `d_optimizer` and `g_optimizer`)."""
+    found = {}
+    for optimizer in [getattr(model, "optimizer", None), *vars(model).values()]:
+        if isinstance(optimizer, keras.optimizers.Optimizer):
+            bnp = find_bnp(optimizer)
+            if bnp is not None:
+                found.setdefault(id(bnp), bnp)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def capture_step(model, bnps, sample_weight=None, regularized=False):
+    """Records the inputs of `model`'s supported layers for one step of
+    each of `bnps` (see `BNP.capture`)."""
+    layers = registry.supported_layers(model)
+    for bnp in bnps:
+        bnp._track(model, layers)
+
+    def on_first_call(layer):
+        # A deferred-build layer gets its statistics on its first call.
+        for bnp in bnps:
+            bnp._track(model, layers)
+
+    nested = {}  # {layer: {construct, ...}}, see `BNP._called`
+
+    def on_nested_call(layer, construct):
+        nested.setdefault(layer, set()).add(construct)
+
+    weights = statistics.position_weights(sample_weight)
+    with registry.capture_inputs(layers, on_first_call,
+                                 on_nested_call) as captured:
+        for bnp in bnps:
+            bnp.__dict__.update(_step_inputs=captured, _step_nested=nested,
+                                _step_weights=weights,
+                                _step_regularized=regularized)
+        try:
+            yield
+        finally:
+            for bnp in bnps:
+                bnp.__dict__.update(_step_inputs=None, _step_weights=None,
+                                    _step_regularized=False)
+
+
 def _as_float(name, value):
     try:
         return float(value)
@@ -1061,21 +1169,9 @@ def _as_bool(name, value):
 def _inner_optimizer(inner_optimizer, learning_rate, momentum, nesterov):
     """The optimizer BNP hands its gradients to."""
     if inner_optimizer is None:
-        schedule = keras.optimizers.schedules.LearningRateSchedule
-        if learning_rate is None:
-            learning_rate = 0.01
-        elif not (isinstance(learning_rate, schedule)
-                  or callable(learning_rate)):
-            learning_rate = _as_float("learning_rate", learning_rate)
-            if not 0.0 <= learning_rate < math.inf:
-                raise ValueError(
-                    "Argument `learning_rate` must be a finite float >= 0 "
-                    "(or a keras.optimizers.schedules.LearningRateSchedule), "
-                    "e.g. 0.01. Received: "
-                    f"learning_rate={learning_rate}"
-                )
         return keras.optimizers.SGD(
-            learning_rate=learning_rate,
+            learning_rate=_checked_learning_rate(
+                0.01 if learning_rate is None else learning_rate),
             momentum=_as_float("momentum", 0.9 if momentum is None
                                else momentum),
             nesterov=bool(nesterov),
@@ -1113,4 +1209,25 @@ def _inner_optimizer(inner_optimizer, learning_rate, momentum, nesterov):
             f"LossScaleOptimizer itself. Received: "
             f"inner_optimizer={inner_optimizer!r}"
         )
+    # A schedule's config is a dict.
+    rate = inner_optimizer.get_config().get("learning_rate")
+    if not isinstance(rate, dict):
+        _checked_learning_rate(rate, "inner_optimizer.learning_rate")
     return inner_optimizer
+
+
+def _checked_learning_rate(learning_rate, name="learning_rate"):
+    """`learning_rate` as a float, after checking that it is finite and
+    >= 0 (a schedule or callable as it is)."""
+    schedule = keras.optimizers.schedules.LearningRateSchedule
+    if isinstance(learning_rate, schedule) or callable(learning_rate):
+        return learning_rate
+    value = _as_float(name, learning_rate)
+    if not 0.0 <= value < math.inf:
+        raise ValueError(
+            f"`{name}` must be a finite float >= 0 (or a "
+            "keras.optimizers.schedules.LearningRateSchedule), e.g. 0.01: "
+            "BNP's step is a descent direction only with a positive "
+            f"learning rate. Received: {name}={value}"
+        )
+    return value

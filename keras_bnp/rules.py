@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras import ops
 from keras.src import tree
 from keras.src.backend.common import masking
+from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -298,11 +299,14 @@ class EinsumBlock(Block):
 
 
 class EinsumDenseRule(Rule):
-    """`EinsumDense` (so also `MultiHeadAttention`'s projections), for an
-    equation whose kernel axes are each contracted with the input or in the
-    output only: features are the contracted axes, statistics pool over
-    every other input axis, units are the kernel's output axes. The bias
-    takes the centring when it spans exactly the kernel's output axes.
+    """`EinsumDense` (so also `MultiHeadAttention`'s projections): features
+    are the input axes the kernel contracts, statistics pool over every
+    other input axis, units are the kernel's axes in the output only. A
+    kernel axis in the input and the output too (`"bgi,gio->bgo"`, a
+    grouped Dense, or a kernel per position) makes groups: each of its
+    indices is a Dense layer of its own, and its features join the
+    contracted ones. The bias takes the centring when it spans exactly the
+    kernel's output axes.
     Not scaled by the initial scaling: in attention, scaling the query and
     key projections would change the softmax's temperature (measured to
     stall a small BERT classifier; see docs/layer_rules.md)."""
@@ -322,33 +326,16 @@ class EinsumDenseRule(Rule):
         records.append(inputs)
         return call(*args, **kwargs)
 
-    def left_out(self, layer):
-        inputs, kernel_axes, output = re.split(",|->", layer.equation)
-        shared = [a for a in kernel_axes if a in inputs and a in output]
-        if shared:
-            return (f"kernel axes {shared} of equation '{layer.equation}' "
-                    "are also input and output axes (a kernel per "
-                    "position)")
-        return None
-
     def blocks(self, layer):
-        reason = self.left_out(layer)
-        if reason is not None:
-            warnings.warn(
-                f"BNP leaves EinsumDense layer '{layer.name}' "
-                f"unpreconditioned (the inner optimizer trains it as is): "
-                f"its {reason}, which the EinsumDense rule does not cover. "
-                "The rule expects each kernel axis either contracted with "
-                "the input or in the output only.",
-                stacklevel=2,
-            )
-            return []
         weights = _trainable(layer)
         kernel, bias = weights["kernel"], weights.get("bias")
         inputs, kernel_axes, output = re.split(",|->", layer.equation)
         input_axes, output_axes = (inputs.replace("...", ""),
                                    output.replace("...", ""))
-        contracted = [a for a in kernel_axes if a in input_axes]
+        shared = [a for a in kernel_axes
+                  if a in input_axes and a in output_axes]
+        contracted = [a for a in kernel_axes
+                      if a in input_axes and a not in output_axes]
         units = [a for a in kernel_axes if a not in input_axes]
         offset = (layer.input_spec.ndim - len(input_axes)
                   if inputs.startswith("...") else 0)
@@ -356,20 +343,24 @@ class EinsumDenseRule(Rule):
         summed = [position[a] for a in input_axes
                   if a not in kernel_axes + output_axes]
         size = {a: kernel.shape[i] for i, a in enumerate(kernel_axes)}
-        if bias is not None and set(layer.bias_axes) != set(units):
+        if bias is not None and set(layer.bias_axes) != set(shared + units):
             bias = None  # left to the inner optimizer
+        groups = math.prod(size[a] for a in shared)
         return [EinsumBlock(
-            layer, kernel, bias, math.prod(size[a] for a in contracted),
+            layer, kernel, bias,
+            groups * math.prod(size[a] for a in contracted), groups=groups,
             permutation=_permutation(
-                [kernel_axes.index(a) for a in contracted + units]),
+                [kernel_axes.index(a) for a in contracted + shared + units]),
             canonical_shape=(math.prod(size[a] for a in contracted),
-                             math.prod(size[a] for a in units)),
+                             groups * math.prod(size[a] for a in units)),
             bias_permutation=None if bias is None else _bias_permutation(
-                layer.bias_axes, output_axes, units, len(bias.shape)),
+                layer.bias_axes, output_axes, shared + units,
+                len(bias.shape)),
             summed=tuple(summed),
+            # The features, group by group.
             contracted=tuple(
                 position[a] - sum(axis < position[a] for axis in summed)
-                for a in contracted),
+                for a in shared + contracted),
         )]
 
 
@@ -458,11 +449,12 @@ class ConvTransposeRule(Rule):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StackedBlock(Block):
-    """A block whose canonical kernel stacks, along the fan-in, the columns
+    """A block whose canonical kernel stacks, along the fan-in (the
+    kernels' second-to-last axis, after any spatial ones), the columns
     `columns` of several kernels `kernels` (`kernel` is the first: the
     optimizer knows a block by it), and whose bias is those columns of row
     `bias_row` of `bias` (of all of it for `None`). Its features are
-    `record[feature]`, channels last.
+    `record[feature]`, channels on `channel_axis`.
 
     Like a Dense layer whose input is the concatenation of the kernels'
     inputs: `x W + h U + b = [x; h] [W; U] + b`. Where it covers only part
@@ -480,11 +472,12 @@ class StackedBlock(Block):
         return self.kernels + (() if self.bias is None else (self.bias,))
 
     def features(self, record):
-        return record[self.feature], -1
+        return record[self.feature], self.channel_axis
 
     def gather(self, grads):
         grad_kernel = tf.concat(
-            [grad[:, self.columns] for grad in grads[:len(self.kernels)]], 0)
+            [grad[..., self.columns] for grad in grads[:len(self.kernels)]],
+            -2)
         grad_bias = None
         if self.bias is not None and grads[-1] is not None:
             grad_bias = grads[-1]
@@ -494,7 +487,8 @@ class StackedBlock(Block):
         return grad_kernel, grad_bias
 
     def scatter(self, grad_kernel, grad_bias, grads):
-        parts = tf.split(grad_kernel, [k.shape[0] for k in self.kernels], 0)
+        parts = tf.split(grad_kernel, [k.shape[-2] for k in self.kernels],
+                         -2)
         new_grads = [self._placed(grad, part)
                      for grad, part in zip(grads, parts)]
         if self.bias is not None:
@@ -514,12 +508,13 @@ class StackedBlock(Block):
 
 
 _CELLS = (keras.layers.SimpleRNNCell, keras.layers.LSTMCell,
-          keras.layers.GRUCell)
+          keras.layers.GRUCell, ConvLSTMCell)
 
 
 class RecurrentRule(Rule):
-    """`SimpleRNN`, `LSTM`, `GRU`, and `RNN` of one of their cells (also
-    the two layers inside `Bidirectional`; not subclasses of the cells).
+    """`SimpleRNN`, `LSTM`, `GRU`, `ConvLSTM1D`/`2D`/`3D`, and `RNN` of
+    one of their cells (also the two layers inside `Bidirectional`; not
+    subclasses of the cells).
 
     At step t the input kernel `(in, k * units)` multiplies the input x_t
     and the recurrent kernel `(units, k * units)` the previous output
@@ -528,8 +523,11 @@ class RecurrentRule(Rule):
     block per kernel, each with its bias row. With `reset_after=False`, the
     candidate's recurrent kernel multiplies r_t * h_{t-1} (r_t the reset
     gate): a block of the gates' columns on [x_t; h_{t-1}] and one of the
-    candidate's on [r_t * h_{t-1}; x_t]. Statistics pool batch and time
-    steps, without masked steps. The layer's returned sequence gives
+    candidate's on [r_t * h_{t-1}; x_t]. A ConvLSTM's input and recurrent
+    convolutions are one convolution of [x_t; h_{t-1}] stacked along the
+    channels, when x_t and h_{t-1} have the same spatial shape
+    (`padding="same"`, `strides=1`). Statistics pool batch and time
+    steps (and space), without masked steps. The layer's returned sequence gives
     h_{t-1} (see `record`). Derivation: docs/layer_rules.md.
     """
 
@@ -542,16 +540,34 @@ class RecurrentRule(Rule):
         # multiply.
         return type(layer.cell) in _CELLS
 
+    def left_out(self, layer):
+        cell = layer.cell
+        if isinstance(cell, ConvLSTMCell) and (
+                cell.padding != "same" or max(cell.strides) > 1):
+            return ("its input convolution has padding="
+                    f"'{cell.padding}' and strides={cell.strides}, so its "
+                    "inputs and outputs differ in shape")
+        return None
+
     def blocks(self, layer):
         cell = layer.cell
+        reason = self.left_out(layer)
+        if reason is not None:
+            warnings.warn(
+                f"BNP leaves {type(layer).__name__} layer '{layer.name}' "
+                f"unpreconditioned (the inner optimizer trains it as is): "
+                f"{reason}. The recurrent rule covers padding='same' with "
+                "strides=1.", stacklevel=2)
+            return []
         weights = _trainable(layer)
         kernel, recurrent = weights["kernel"], weights["recurrent_kernel"]
         bias = weights.get("bias")
-        both = kernel.shape[0] + recurrent.shape[0]
+        both = kernel.shape[-2] + recurrent.shape[-2]
         if not isinstance(cell, keras.layers.GRUCell):
             return [StackedBlock(layer, kernel, bias, both,
                                  kernels=(kernel, recurrent),
-                                 feature="stacked")]
+                                 feature="stacked",
+                                 channel_axis=_sequence_channel_axis(cell))]
         if cell.reset_after:
             return [
                 StackedBlock(layer, kernel, bias, kernel.shape[0],
@@ -645,7 +661,8 @@ def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
     if dropout[1] is not None:
         previous *= tf.cast(dropout[1], inputs.dtype)[:, None]
     features = {"input": inputs, "recurrent": previous,
-                "stacked": tf.concat([inputs, previous], -1)}
+                "stacked": tf.concat([inputs, previous],
+                                     _sequence_channel_axis(cell))}
     if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
         units = slice(cell.units, 2 * cell.units)
         reset = (tf.matmul(inputs, tf.cast(cell.kernel[:, units],
@@ -660,6 +677,12 @@ def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
         for tensor in features.values():
             masking.set_keras_mask(tensor, mask)
     return features
+
+
+def _sequence_channel_axis(cell):
+    """The channel axis of a recurrent layer's sequences (batch, time,
+    ...)."""
+    return 2 if getattr(cell, "data_format", None) == "channels_first" else -1
 
 
 def _previous_outputs(outputs, initial_output, mask):

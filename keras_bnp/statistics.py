@@ -1,6 +1,7 @@
 """Batch moments of layer inputs and the running-statistics update.
 
-Everything is float32, whatever the input dtype. The running statistics are
+Everything is float32 (float64 for a float64 layer), whatever the input
+dtype. The running statistics are
 exponential moving averages of the raw sums `n`, `sum(x)`, `sum(x^2)` of each
 step's inputs; their ratios give the mean and variance. Dividing by the
 averaged count `n` is the start-up bias correction (for equal batch sizes it
@@ -22,12 +23,14 @@ from tensorflow.python.ops import control_flow_util
 RAW_SUMS_MAX_RATIO = 16.0
 
 
-def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
-    """Per-channel `(count, sum(x - shift), sum((x - shift)^2))` of `inputs`.
+def input_sums(inputs, channel_axis, shift, variance=None, mask=None,
+               weights=None):
+    """Per-channel `(count, sum(x - shift), sum((x - shift)^2))` of `inputs`,
+    in the dtype of `shift`.
 
     `shift` (shape `(channels,)`, normally the running mean) only improves
-    float32 accuracy; it cancels in `moments_from_sums`. `count` is the
-    number of values per channel.
+    rounding; it cancels in `moments_from_sums`. `count` is the number of
+    values per channel (their total weight, given `mask` or `weights`).
 
     Without `variance`, and for a batch of vectors (rank 2, as Dense layers
     see) outside XLA, the sums are taken of `x - shift`: exact to float32
@@ -49,36 +52,41 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
 
     `mask` (a Keras mask: boolean, the input's shape without the channel
     axis, e.g. the padded time steps of sequences) leaves the masked
-    positions out, even non-finite ones: `count` is then the number of
-    unmasked positions, and the sums are of the centred unmasked values. A
-    mask of another rank does not describe the input's positions and is
-    not used.
+    positions out, even non-finite ones. A mask of another rank does not
+    describe the input's positions and is not used. `weights` (the step's
+    sample weights, see `position_weights`) weigh each example's values;
+    a weight of 0 leaves them out, even non-finite ones.
     """
+    dtype = shift.dtype
     if isinstance(inputs, tf.SparseTensor):
-        return _sparse_sums(inputs, channel_axis, shift)
-    inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
+        return _sparse_sums(inputs, channel_axis, shift, weights)
+    inputs = tf.cast(tf.stop_gradient(inputs), dtype)
     rank = inputs.shape.rank
     channel_axis %= rank
     broadcast = [1] * rank
     broadcast[channel_axis] = -1
     axes = [axis for axis in range(rank) if axis != channel_axis]
-    mask = _position_mask(mask, rank)
-    if mask is not None:
-        count = tf.reduce_sum(tf.cast(mask, tf.float32))
+    weight = _weight(inputs, channel_axis, mask, weights)
+    if weight is not None:
+        count = tf.reduce_sum(weight)
     elif inputs.shape.is_fully_defined():  # a constant: no ops in the step
         count = tf.constant(
-            inputs.shape.num_elements() / inputs.shape[channel_axis],
-            tf.float32)
+            inputs.shape.num_elements() / inputs.shape[channel_axis], dtype)
     else:
-        count = tf.cast(tf.size(inputs), tf.float32) / tf.cast(
-            tf.shape(inputs)[channel_axis], tf.float32
+        count = tf.cast(tf.size(inputs), dtype) / tf.cast(
+            tf.shape(inputs)[channel_axis], dtype
         )
 
     def centred_sums():
-        centred = _masked(inputs - tf.reshape(shift, broadcast), mask,
-                          channel_axis)
-        return (tf.reduce_sum(centred, axis=axes),
-                _sum_of_squares(centred, axes))
+        centred = inputs - tf.reshape(shift, broadcast)
+        if weight is None:
+            return (tf.reduce_sum(centred, axis=axes),
+                    _sum_of_squares(centred, axes))
+        weight_view = tf.expand_dims(weight, channel_axis)
+        centred = tf.where(weight_view > 0, centred, tf.zeros((), dtype))
+        weighted = weight_view * centred
+        return (tf.reduce_sum(weighted, axis=axes),
+                tf.reduce_sum(weighted * centred, axis=axes))
 
     def raw_sums():
         total = tf.reduce_sum(inputs, axis=axes)
@@ -86,77 +94,143 @@ def input_sums(inputs, channel_axis, shift, variance=None, mask=None):
         return (total - count * shift,
                 square_total - shift * (2.0 * total - count * shift))
 
-    if mask is not None or variance is None or (rank == 2 and not _in_xla()):
+    if weight is not None or variance is None or (
+            rank == 2 and not _in_xla()):
         return (count, *centred_sums())
     raw = tf.reduce_all(tf.square(shift) <= RAW_SUMS_MAX_RATIO * variance)
     return (count, *tf.cond(raw, raw_sums, centred_sums))
 
 
-def shift_sums(inputs, channel_axis, mask=None):
+def shift_sums(inputs, channel_axis, mask=None, weights=None,
+               dtype=tf.float32):
     """Per-channel `(total, count)` of some of the batch's own values: the
     shift `total / count` of a layer's first statistics update, which has
     no running mean yet, so that its sums are centred whatever the inputs'
     offset (such as years or Unix times).
 
-    Of the first example's values (a slice, cheap); given a Keras mask
-    (see `input_sums`), of all unmasked values, since the first example
-    may be all padding; of a `tf.SparseTensor`, of all values, from the
-    stored ones. No values give `(0, 0)`. Summed over replicas, the totals
-    and counts give one shift for all of them.
+    Of the first example's values (a slice, cheap); given a Keras mask or
+    sample weights (see `input_sums`), their weighted sum over all values,
+    since the first example may be padding; of a `tf.SparseTensor`, of all
+    values, from the stored ones. No values give `(0, 0)`. Summed over
+    replicas, the totals and counts give one shift for all of them.
     """
     if isinstance(inputs, tf.SparseTensor):
-        shape = tf.cast(inputs.dense_shape, tf.float32)
+        shape = tf.cast(inputs.dense_shape, dtype)
         total = tf.math.unsorted_segment_sum(
-            tf.cast(tf.stop_gradient(inputs.values), tf.float32),
+            tf.cast(tf.stop_gradient(inputs.values), dtype),
             inputs.indices[:, channel_axis], inputs.dense_shape[channel_axis])
         return total, tf.reduce_prod(shape) / shape[channel_axis]
-    inputs = tf.cast(tf.stop_gradient(inputs), tf.float32)
+    inputs = tf.cast(tf.stop_gradient(inputs), dtype)
     rank = inputs.shape.rank
     channel_axis %= rank
     axes = [axis for axis in range(rank) if axis != channel_axis]
-    mask = _position_mask(mask, rank)
-    if mask is None:
+    weight = _weight(inputs, channel_axis, mask, weights)
+    if weight is None:
         inputs = inputs[:1]  # the first example (none in an empty batch)
-        count = tf.size(inputs) // tf.shape(inputs)[channel_axis]
-    else:
-        inputs = _masked(inputs, mask, channel_axis)
-        count = tf.reduce_sum(tf.cast(mask, tf.int32))
-    return tf.reduce_sum(inputs, axis=axes), tf.cast(count, tf.float32)
+        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[channel_axis],
+                        dtype)
+        return tf.reduce_sum(inputs, axis=axes), count
+    weight_view = tf.expand_dims(weight, channel_axis)
+    inputs = tf.where(weight_view > 0, inputs, tf.zeros((), dtype))
+    return (tf.reduce_sum(weight_view * inputs, axis=axes),
+            tf.reduce_sum(weight))
 
 
-def _position_mask(mask, rank):
-    """A Keras mask if it describes the positions of an input of `rank`
-    (its shape without the channel axis), else `None`."""
-    return mask if mask is not None and mask.shape.rank == rank - 1 else None
+def position_weights(sample_weight):
+    """The sample weights of a training step as the statistics use them: a
+    float tensor whose first axis is the batch's (or `None`). A structure
+    of weights (one per output of a model) gives each example the mean of
+    its outputs' weights, each averaged over any axes after the batch's."""
+    if sample_weight is None:
+        return None
+    flat = [tf.cast(w, tf.float32) for w in tf.nest.flatten(sample_weight)
+            if w is not None]
+    if not flat:
+        return None
+    if len(flat) == 1:
+        return flat[0]
+    return tf.add_n([_per_example(w) for w in flat]) / len(flat)
 
 
-def _masked(inputs, mask, channel_axis):
-    """`inputs` with the positions `mask` leaves out set to 0 (even
-    non-finite ones)."""
-    if mask is None:
-        return inputs
-    keep = tf.expand_dims(tf.cast(mask, tf.bool), channel_axis)
-    return tf.where(keep, inputs, 0.0)
+def _per_example(weights):
+    """`weights` averaged over every axis after the first."""
+    return (weights if weights.shape.rank == 1 else
+            tf.reduce_mean(weights, axis=list(range(1, weights.shape.rank))))
 
 
-def _sparse_sums(inputs, channel_axis, shift):
-    """`input_sums` of a sparse tensor (without repeated indices): the
-    stored values' centred sums, plus `-shift` and `shift^2` once for each
-    implicit zero of the channel."""
-    shape = tf.cast(inputs.dense_shape, tf.float32)
-    count = tf.reduce_prod(shape) / shape[channel_axis]
+def _weight(inputs, channel_axis, mask, weights):
+    """The weight of each position of `inputs` (its shape without the
+    channel axis), from a Keras mask of that shape and the step's
+    `position_weights`; `None` without either.
+
+    Weights of shape `(batch, ...)` apply to the positions whose leading
+    axes they match (per example, or per time step of a sequence);
+    otherwise they are averaged per example first. They apply only to an
+    input whose first axis is the batch's: a layer that sees the batch
+    reshaped (inside `TimeDistributed`, say) or concatenated with itself
+    keeps unweighted statistics.
+    """
+    dtype = inputs.dtype
+    rank = inputs.shape.rank
+    shape = tf.shape(inputs)
+    positions = [axis for axis in range(rank) if axis != channel_axis]
+    position_shape = tf.gather(shape, positions)
+    weight = None
+    if mask is not None and mask.shape.rank == rank - 1:
+        weight = tf.cast(mask, dtype)
+    if weights is not None and channel_axis != 0:
+        weights = tf.cast(weights, dtype)
+        static = inputs.shape
+        leading = [static[axis] for axis in positions]
+        if (weights.shape.rank > len(positions)
+                or not all(a is None or b is None or a == b for a, b in zip(
+                    weights.shape, leading))):
+            weights = _per_example(weights)
+        if (weights.shape[0] is not None and static[0] is not None
+                and weights.shape[0] != static[0]):
+            weights = None  # another batch axis
+        else:
+            ones = tf.ones(tf.concat([shape[:1], tf.shape(weights)[1:]], 0),
+                           dtype)
+            weights = tf.cond(tf.equal(tf.shape(weights)[0], shape[0]),
+                              lambda: weights, lambda: ones)
+            weights = tf.reshape(weights, tf.concat([
+                tf.shape(weights),
+                tf.ones([len(positions) - weights.shape.rank], tf.int32)],
+                0))
+            weights = tf.broadcast_to(weights, position_shape)
+            weight = weights if weight is None else weight * weights
+    return weight
+
+
+def _sparse_sums(inputs, channel_axis, shift, weights):
+    """`input_sums` of a sparse tensor (rows of channels, without repeated
+    indices): the stored values' centred sums, plus `-shift` and
+    `shift^2` once for each implicit zero of the channel; each row weighted
+    by `weights` (per example) if given."""
+    dtype = shift.dtype
+    shape = tf.cast(inputs.dense_shape, dtype)
     channels = inputs.indices[:, channel_axis]
-    centred = tf.cast(tf.stop_gradient(inputs.values), tf.float32) - tf.gather(
+    centred = tf.cast(tf.stop_gradient(inputs.values), dtype) - tf.gather(
         shift, channels)
+    if weights is None:
+        count = tf.reduce_prod(shape) / shape[channel_axis]
+        value_weight = tf.ones_like(centred)
+    else:
+        weights = _per_example(tf.cast(weights, dtype))
+        count = tf.reduce_sum(weights)
+        value_weight = tf.gather(weights, inputs.indices[:, 0])
+        centred = tf.where(value_weight > 0, centred, tf.zeros((), dtype))
 
     def per_channel(values):
         return tf.math.unsorted_segment_sum(
             values, channels, tf.shape(shift)[0])
 
-    zeros = count - per_channel(tf.ones_like(centred))
+    zeros = count - per_channel(value_weight)
     return (count,
-            per_channel(centred) - zeros * shift,
-            per_channel(tf.square(centred)) + zeros * tf.square(shift))
+            per_channel(value_weight * centred) - zeros * shift,
+            per_channel(value_weight * tf.square(centred))
+            + zeros * tf.square(shift))
 
 
 def _sum_of_squares(x, axes):
@@ -207,7 +281,7 @@ def update_moving(
     Returns:
         `(moving_mean, moving_variance, moving_count)` after the update.
     """
-    moving_count = tf.cast(momentum, tf.float32) * moving_count + count
+    moving_count = momentum * moving_count + count
     weight = count / moving_count
     delta = mean - moving_mean
     new_mean = (1.0 - weight) * moving_mean + weight * mean

@@ -147,6 +147,8 @@ def test_layer_in_vectorized_map_is_not_recorded_and_warns():
     _assert_never_updated(model.optimizer, model.dense)
 
 
+# Its statistics are of one example a step, with statistics_momentum=0.
+@pytest.mark.filterwarnings("ignore:BNP 'bnp' has statistics_momentum=0")
 def test_layer_in_keras_map_pools_the_first_example_keras_calls_outside():
     # `keras.ops.map` calls the function on the first example outside the
     # loop, for the output's structure; that call is recorded.

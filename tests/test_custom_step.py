@@ -103,9 +103,11 @@ def test_custom_step_without_capture_gets_an_error_with_the_fix():
         "inputs of the model's preconditioned layers for BNP, does not "
         "run. Run the forward pass and `apply_gradients` of your "
         "`train_step` inside "
-        "`with self.bnp_capture():`")
+        "`with self.bnp_capture(sample_weight):`")
     assert ("    def train_step(self, data):\n"
-            "        with self.bnp_capture():\n") in message
+            "        x, y, sample_weight = "
+            "keras.utils.unpack_x_y_sample_weight(data)\n"
+            "        with self.bnp_capture(sample_weight):\n") in message
     assert message.endswith("or return `super().train_step(data)` from it.")
 
 
@@ -141,3 +143,143 @@ def test_bnp_capture_finds_bnp_inside_a_loss_scale_optimizer(mixed_float16):
     mean, _ = bnp.layer_statistics(model.encoder)
     assert_allclose(mean, _running_mean(x.astype("float16")[-16 * applied:]),
                     rtol=1e-5, atol=1e-4)
+
+
+LATENT = 3
+
+
+class GAN(keras_bnp.BNPMixin, keras.Model):
+    """The keras-io DCGAN pattern: two optimizers set in an overridden
+    `compile`, a `train_step` of its own with one `bnp_capture` per
+    optimizer step. The latent vectors come with the data (`real, z for
+    the discriminator's step, z for the generator's`), so that a test can
+    recompute what each step saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = keras.Sequential([
+            keras.Input((LATENT,)), keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(FEATURES)], name="generator")
+        self.discriminator = keras.Sequential([
+            keras.Input((FEATURES,)), keras.layers.Dense(8),
+            keras.layers.LeakyReLU(0.2), keras.layers.Dense(1)],
+            name="discriminator")
+        self.built = True  # its networks are (Keras saves built models)
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+        self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    def train_step(self, data):
+        real, z_d, z_g = data
+        n = tf.shape(real)[0]
+        with self.bnp_capture():
+            fake = self.generator(z_d)
+            labels = tf.concat([tf.ones((n, 1)), tf.zeros((n, 1))], 0)
+            with tf.GradientTape() as tape:
+                d_loss = self.loss_fn(labels, self.discriminator(
+                    tf.concat([fake, real], 0)))
+            weights = self.discriminator.trainable_weights
+            self.d_optimizer.apply_gradients(
+                zip(tape.gradient(d_loss, weights), weights))
+        with self.bnp_capture():
+            with tf.GradientTape() as tape:
+                g_loss = self.loss_fn(tf.zeros((n, 1)), self.discriminator(
+                    self.generator(z_g)))
+            weights = self.generator.trainable_weights
+            self.g_optimizer.apply_gradients(
+                zip(tape.gradient(g_loss, weights), weights))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def _gan_data(steps=4, batch_size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    n = steps * batch_size
+    real = (rng.normal(size=(n, FEATURES)) * [1, 1e-3, 1e3, 1, 1, 1]
+            + [40, -7, 2e3, 0, 0, 1]).astype("float32")
+    z_d, z_g = (rng.normal(3.0, 2.0, size=(n, LATENT)).astype("float32")
+                for _ in range(2))
+    return real, z_d, z_g
+
+
+def _gan(d_optimizer=None, g_optimizer=None):
+    keras.utils.set_random_seed(0)
+    gan = GAN()
+    gan.compile(d_optimizer or keras_bnp.BNP(1e-3),
+                g_optimizer or keras_bnp.BNP(1e-3))
+    return gan
+
+
+def _fit_gan(gan, data, epochs=1):
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(16)
+    return gan.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
+
+
+def test_gan_pattern_keeps_each_optimizers_statistics_of_its_own_steps():
+    data = _gan_data()
+    gan = _gan()
+    _fit_gan(gan, data, epochs=2)
+    d, g = gan.d_optimizer, gan.g_optimizer
+    assert int(d.iterations) == int(g.iterations) == 8
+    # The generator's first layer, for g_optimizer: the latent vectors of
+    # the generator's steps only (not those the discriminator's step
+    # generated from).
+    mean, variance = g.layer_statistics(gan.generator.layers[0])
+    z_g = np.concatenate([data[2]] * 2)
+    assert_allclose(mean, _running_mean(z_g), rtol=1e-5, atol=1e-5)
+    # Each optimizer keeps statistics of the layers it trains only.
+    with pytest.raises(ValueError, match="BNP has no statistics for layer"):
+        d.layer_statistics(gan.generator.layers[0])
+    with pytest.raises(ValueError, match="BNP has no statistics for layer"):
+        g.layer_statistics(gan.discriminator.layers[0])
+    assert sorted(row["layer"] for row in d.statistics_summary()) == sorted(
+        layer.name for layer in gan.discriminator.layers[::2])
+    assert sorted(row["layer"] for row in g.statistics_summary()) == sorted(
+        layer.name for layer in gan.generator.layers)
+
+
+def test_gan_pattern_warns_about_non_finite_inputs_for_its_optimizers():
+    real, z_d, z_g = _gan_data()
+    real[-5, 0] = np.nan  # in the last step
+    gan = _gan()
+    with pytest.warns(UserWarning, match=(
+            f"BNP '{gan.d_optimizer.name}' skipped 2 statistics update")):
+        _fit_gan(gan, (real, z_d, z_g))
+    # The discriminator's two Dense layers, once (its first has no
+    # activation: oneDNN's fused matmul and relu may turn a NaN into 0).
+    assert gan.d_optimizer.skipped_statistics_updates_by_cause == {
+        "non_finite_input": 2, "overflow": 0}
+    assert gan.g_optimizer.skipped_statistics_updates == 0
+
+
+def test_gan_pattern_saves_loads_and_resumes_bit_identically(tmp_path):
+    data = _gan_data()
+    gan = _gan()
+    _fit_gan(gan, data)
+    path = str(tmp_path / "gan.weights.h5")
+    gan.save_weights(path)
+
+    fresh = _gan()
+    with pytest.raises(ValueError, match=(
+            r"is not built, so it cannot take the saved state in '.*"
+            r"gan.weights.h5'.*gan.d_optimizer.build\(gan.discriminator."
+            r"trainable_variables\)")):
+        fresh.load_weights(path)
+
+    fresh = _gan()
+    fresh.d_optimizer.build(fresh.discriminator.trainable_variables)
+    fresh.g_optimizer.build(fresh.generator.trainable_variables)
+    fresh.load_weights(path)
+    for a, b in zip(gan.d_optimizer.variables + gan.g_optimizer.variables,
+                    fresh.d_optimizer.variables + fresh.g_optimizer.variables):
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+    more = _gan_data(seed=1)
+    _fit_gan(gan, more)
+    _fit_gan(fresh, more)
+    for a, b in zip(gan.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(b, a)
+    for a, b in zip(gan.d_optimizer.variables + gan.g_optimizer.variables,
+                    fresh.d_optimizer.variables + fresh.g_optimizer.variables):
+        np.testing.assert_array_equal(b.numpy(), a.numpy())

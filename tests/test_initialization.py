@@ -387,7 +387,8 @@ def test_non_finite_first_examples_are_not_measured(bad, capsys):
     model = _dense_net()
     model.compile(optimizer=keras_bnp.BNP(0.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(True))
-    with pytest.warns(UserWarning, match=r"BNP skipped \d+ statistics update"):
+    with pytest.warns(UserWarning,
+                      match=r"BNP '\w+' skipped \d+ statistics update"):
         model.fit(x, y, batch_size=64, verbose=2)
     assert model.optimizer.initial_scales == {}
     assert ("BNP: initial scaling skipped: the measured examples contain "

@@ -167,6 +167,43 @@ def test_class_weight_is_applied():
     assert abs(bnp - unweighted) > 1e-3
 
 
+@pytest.mark.parametrize("weighting", ["sample_weight", "class_weight"])
+def test_sample_and_class_weights_weigh_the_statistics(weighting):
+    # Padding rows of value 100 with weight 0: every layer's statistics
+    # are those of the weighted rows, as the loss is (a NaN there would
+    # reach the weights through Keras' loss, 0 * NaN; the statistics leave
+    # it out, see test_statistics). Learning rate 0 keeps the weights, so
+    # NumPy recomputes the hidden layer's inputs.
+    rng = np.random.default_rng(1)
+    x = shifted_inputs(rng, (24, IN)) + 30.0
+    y = np.arange(24) % OUT
+    sample_weight = rng.uniform(0.5, 2.0, 24)
+    pad = np.arange(24) % 4 == 0
+    sample_weight[pad] = 0.0
+    x[pad] = 100.0
+    class_weight = None
+    if weighting == "class_weight":
+        class_weight = {0: 0.0, 1: 1.0, 2: 2.5}
+        sample_weight = np.array([class_weight[c] for c in y])
+        x[y == 0] = 100.0
+    keras.utils.set_random_seed(0)
+    model = mlp(inputs=IN, outputs=OUT)
+    model.compile(optimizer=keras_bnp.BNP(0.0, momentum=0.0,
+                                          initial_scaling=False),
+                  loss=logits_loss())
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+              **({"class_weight": class_weight} if class_weight else
+                 {"sample_weight": sample_weight}))
+    kernel, bias = (v.numpy() for v in model.layers[0].weights)
+    hidden = np.maximum(x @ kernel + bias, 0.0)
+    for layer, inputs in zip(model.layers, (x, hidden)):
+        reference = _reference.RawMomentStatistics(inputs.shape[1], 0.99)
+        for start in range(0, 24, 8):
+            rows = slice(start, start + 8)
+            reference.update([inputs[rows]], -1, [sample_weight[rows]])
+        assert_statistics_match(model.optimizer, layer, reference)
+
+
 def test_sparse_inputs_train_as_their_dense_version():
     # A Dense layer on sparse inputs computes what it computes on the dense
     # tensor, so BNP must take the same steps and keep the same statistics.

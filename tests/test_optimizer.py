@@ -328,6 +328,11 @@ def test_learning_rate_schedule_follows_inner_iterations():
         ({"inner_optimizer": 3}, r"Received: inner_optimizer=3"),
         ({"inner_optimizer": keras_bnp.BNP()}, r"not a BNP"),
         ({"learning_rate": "fast"}, r"Received: learning_rate='fast'"),
+        ({"inner_optimizer": keras.optimizers.Adam(-1.0)},
+         r"`inner_optimizer.learning_rate` must be a finite float >= 0.*"
+         r"Received: inner_optimizer.learning_rate=-1\.0"),
+        ({"inner_optimizer": keras.optimizers.SGD(float("nan"))},
+         r"Received: inner_optimizer.learning_rate=nan"),
     ],
 )
 def test_invalid_arguments(kwargs, pattern):
@@ -343,3 +348,142 @@ def test_layer_statistics_of_untracked_layer_raises():
     norm = keras.layers.LayerNormalization(name="norm")
     with pytest.raises(ValueError, match=r"layer 'norm' \(LayerNormal"):
         model.optimizer.layer_statistics(norm)
+
+
+def test_learning_rate_set_later_is_checked():
+    optimizer = keras_bnp.BNP(0.1)
+    optimizer.learning_rate = 0.05
+    assert float(optimizer.inner_optimizer.learning_rate) == np.float32(0.05)
+    with pytest.raises(ValueError, match=(
+            r"`learning_rate` must be a finite float >= 0.*"
+            r"Received: learning_rate=-1\.0")):
+        optimizer.learning_rate = -1
+    assert float(optimizer.inner_optimizer.learning_rate) == np.float32(0.05)
+    # A schedule given to the inner optimizer is not evaluated.
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    keras_bnp.BNP(inner_optimizer=keras.optimizers.SGD(schedule))
+
+
+@pytest.mark.parametrize("input_scale", [1e-3, 1.0, 1e3])
+def test_regularization_penalty_is_not_preconditioned(input_scale):
+    # A loss of the penalties alone: whatever the units of the inputs, the
+    # kernel and bias decay as SGD decays them, w - lr * 2 * l2 * w.
+    rng = np.random.default_rng(0)
+    x = (shifted_inputs(rng, (16, 5)) + 3.0) * input_scale
+    keras.utils.set_random_seed(0)
+    model = keras_bnp.BNPSequential([keras.Input((5,)), keras.layers.Dense(
+        3, kernel_regularizer=keras.regularizers.L2(0.05),
+        bias_regularizer=keras.regularizers.L2(0.02),
+        bias_initializer="ones")])
+    before = [w.numpy() for w in model.weights]
+    model.compile(optimizer=keras_bnp.BNP(0.1, momentum=0.0,
+                                          initial_scaling=False),
+                  loss=lambda y, p: 0.0 * keras.ops.mean(p, axis=-1))
+    model.fit(x, np.zeros(16), batch_size=16, verbose=0)
+    for weight, l2, start in zip(model.weights, (0.05, 0.02), before):
+        assert_allclose(weight, start * (1 - 0.1 * 2 * l2), rtol=1e-6)
+
+
+def test_regularized_step_preconditions_the_data_loss_only():
+    # One step: the data loss's gradient preconditioned by the NumPy
+    # reference, plus the penalty's gradient as it is.
+    rng = np.random.default_rng(1)
+    x = shifted_inputs(rng, (16, 5)) * 0.1 + 0.4
+    y = rng.integers(0, 3, 16)
+    epsilon, l2 = 0.1, 0.05
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras_bnp.BNPSequential([keras.Input((5,)), keras.layers.Dense(
+            3, kernel_regularizer=keras.regularizers.L2(l2))])
+
+    model = build()
+    kernel, bias = (w.numpy() for w in model.weights)
+    with tf.GradientTape() as tape:
+        loss = logits_loss()(y, model(x))  # without the penalty
+    grad_kernel, grad_bias = tape.gradient(loss, model.trainable_variables)
+    mean, variance = x.astype("float64").mean(0), x.astype("float64").var(0)
+    grad_kernel, grad_bias = _reference.precondition(
+        grad_kernel.numpy(), grad_bias.numpy(), mean, variance,
+        _reference.damping(mean, variance, epsilon))
+    model.compile(optimizer=keras_bnp.BNP(
+        0.1, momentum=0.0, epsilon=epsilon, initial_scaling=False),
+        loss=logits_loss())
+    model.fit(x, y, batch_size=16, verbose=0)
+    assert_allclose(model.weights[0],
+                    kernel - 0.1 * (grad_kernel + 2 * l2 * kernel),
+                    rtol=1e-4, atol=1e-6)
+    assert_allclose(model.weights[1], bias - 0.1 * grad_bias, rtol=1e-4,
+                    atol=1e-6)
+
+
+def test_gradient_accumulation_updates_statistics_per_micro_batch():
+    # 12 micro-batches of 4, applied every 3: the statistics take all 12
+    # batches (as BatchNormalization's moving averages would), the
+    # optimizer counts the 4 applied steps.
+    rng = np.random.default_rng(0)
+    x = shifted_inputs(rng, (48, 5)) + 7.0
+    model = keras_bnp.BNPSequential([keras.Input((5,)),
+                                     keras.layers.Dense(3)])
+    model.compile(optimizer=keras_bnp.BNP(
+        inner_optimizer=keras.optimizers.SGD(
+            0.01, gradient_accumulation_steps=3),
+        statistics_momentum=0.8, initial_scaling=False), loss=logits_loss())
+    model.fit(x, rng.integers(0, 3, 48), batch_size=4, shuffle=False,
+              verbose=0)
+    assert int(model.optimizer.iterations) == 4
+    reference = _reference.RawMomentStatistics(5, 0.8)
+    for start in range(0, 48, 4):
+        reference.update([x[start:start + 4]], -1)
+    assert_statistics_match(model.optimizer, model.layers[0], reference)
+
+
+def test_statistics_momentum_zero_at_batch_size_one_warns():
+    # The mean is the example itself and the variance 0: the centred kernel
+    # gradient is 0 but for rounding.
+    model = mlp(inputs=6, outputs=3)
+    model.compile(optimizer=keras_bnp.BNP(0.1, statistics_momentum=0.0,
+                                          initial_scaling=False),
+                  loss=logits_loss())
+    rng = np.random.default_rng(0)
+    x = shifted_inputs(rng, (6, 6))
+    with pytest.warns(UserWarning, match=(
+            r"BNP 'bnp' has statistics_momentum=0, so each step's statistics "
+            r"are of that step's batch alone, and layer\(s\) \['hidden', "
+            r"'logits'\] saw one value per input channel \(in the first "
+            r"step\).*Use a statistics_momentum above 0")) as caught:
+        model.fit(x, np.arange(6) % 3, batch_size=1, verbose=0)
+    assert len(caught) == 1
+    # Two examples a step give a variance: no warning.
+    model.fit(x, np.arange(6) % 3, batch_size=2, verbose=0)
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx("float32")
+
+
+def test_float64_model_keeps_float64_statistics(float64):
+    # Inputs at 1e4 +- 1e-3, which float32 cannot tell apart (`fit` hands
+    # arrays to the model in `floatx`).
+    rng = np.random.default_rng(0)
+    x = 1e4 + rng.normal(0.0, 1e-3, (32, 3))
+    model = keras_bnp.BNPSequential([
+        keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    model.compile(optimizer=keras_bnp.BNP(0.01, initial_scaling=False),
+                  loss=logits_loss())
+    history = model.fit(x, np.arange(32) % 2, batch_size=16, epochs=2,
+                        shuffle=False, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    # The reference's raw sums of x^2 would lose the variance to rounding
+    # in float64 too: it takes x - 1e4 (exact), the same moments shifted.
+    reference = _reference.RawMomentStatistics(3, 0.99)
+    for _ in range(2):
+        for start in (0, 16):
+            reference.update([x[start:start + 16] - 1e4], -1)
+    mean, variance = model.optimizer.layer_statistics(model.layers[0])
+    assert variance.dtype == np.float64
+    np.testing.assert_allclose(mean - 1e4, reference.mean, rtol=1e-7)
+    np.testing.assert_allclose(variance, reference.variance, rtol=1e-7)

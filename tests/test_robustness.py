@@ -71,7 +71,7 @@ def test_non_finite_batch_leaves_statistics_unpoisoned(bad):
     cause = ("contained NaN or Inf" if not np.isfinite(bad) else
              "finite but so far apart that the sum of their squared "
              "deviations overflowed float32")
-    with pytest.warns(UserWarning, match=r"BNP skipped \d+ statistics "
+    with pytest.warns(UserWarning, match=r"BNP 'bnp' skipped \d+ statistics "
                       r"update\(s\) \(up to epoch 1\) because a layer's "
                       r"input (values were )?" + cause) as caught:
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)

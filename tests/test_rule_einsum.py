@@ -2,7 +2,6 @@
 (`_reference.einsum_features`, `_reference.einsum_precondition`, written
 from the einsum definitions)."""
 
-import re
 
 import keras
 import numpy as np
@@ -90,26 +89,44 @@ def test_bias_layout_follows_the_kernels_units():
     assert_allclose(back[1], bias)
 
 
-def test_per_position_kernel_is_left_to_the_inner_optimizer():
-    # 'b' is an axis of the input, the kernel and the output.
-    layer = keras.layers.EinsumDense("abc,bcd->abd", (4, 3), bias_axes="d")
-    model = keras.Sequential([keras.Input((4, 5)), layer])
-    optimizer = keras_bnp.BNP(0.1, momentum=0.0)
-    weights = [w.numpy() for w in layer.trainable_weights]
-    rng = np.random.default_rng(0)
-    x = realistic_inputs(rng, (2, 4, 5))
-    reason = ("kernel axes ['b'] of equation 'abc,bcd->abd' are also input "
-              "and output axes (a kernel per position)")
-    with pytest.warns(UserWarning, match=(
-            r"BNP leaves EinsumDense layer 'einsum_dense\w*' "
-            r"unpreconditioned .*: its " + re.escape(reason))):
-        grads = custom_step(model, optimizer, x, np.ones((2, 4, 3), "float32"))
-    for weight, grad, new in zip(weights, grads, layer.trainable_weights):
-        assert_allclose(new, weight - 0.1 * grad)
-    with pytest.warns(UserWarning, match="BNP leaves EinsumDense"):
-        rows = coverage.coverage(model).rows
-    assert [row.rule for row in rows] == [
-        "inner optimizer only: " + reason] * 2
+@pytest.mark.parametrize("equation, input_shape, output_shape, bias_axes", [
+    # A grouped Dense: 3 groups of 4 features to 2 units each.
+    ("bgi,gio->bgo", (3, 4), (3, 2), "go"),
+    # A kernel per position 'b' (of 4), no bias to centre into.
+    ("abc,bcd->abd", (4, 5), (4, 3), None),
+])
+def test_grouped_kernel_is_one_dense_layer_per_group(
+        equation, input_shape, output_shape, bias_axes):
+    # Each index of the axis in the input, the kernel and the output is a
+    # Dense layer of its own: NumPy preconditions each group's kernel with
+    # its features' statistics, the damping of the whole layer's.
+    layer = keras.layers.EinsumDense(equation, output_shape,
+                                     bias_axes=bias_axes)
+    groups, fan_in = input_shape
+    stats = []
+
+    def reference(optimizer, x, grads, _):
+        features = x.reshape(len(x), groups * fan_in)
+        if not stats:
+            stats.append(_reference.RawMomentStatistics(groups * fan_in,
+                                                        REFERENCE_BETA))
+        stats[0].update([features], -1)
+        assert_statistics_match(optimizer, layer, stats[0])
+        mean, variance = stats[0].mean, stats[0].variance
+        damping = _reference.damping(mean, variance, REFERENCE_EPSILON)
+        kernels, biases = [], []
+        for g in range(groups):
+            part = slice(g * fan_in, (g + 1) * fan_in)
+            kernel, bias = _reference.precondition(
+                grads[0][g], grads[1][g] if bias_axes else None,
+                mean[part], variance[part], damping)
+            kernels.append(kernel)
+            biases.append(bias)
+        return np.stack(kernels), np.stack(biases) if bias_axes else None
+
+    check_reference_steps(layer, input_shape, realistic_inputs, reference)
+    assert coverage.coverage(keras.Sequential([
+        keras.Input(input_shape), layer])).kernel_parameters.fraction == 1.0
 
 
 # Keras warns that EinsumDense does not pass the mask on; it still gets it.

@@ -326,3 +326,87 @@ def test_statistics_are_of_the_dropped_inputs(layer):
     assert np.all(variance > 0.1 * constant**2)
     assert_allclose(variance, mean * (2 * constant - mean), rtol=1e-4,
                     atol=1e-4)
+
+
+@pytest.mark.parametrize("layer_class, space", [(L.ConvLSTM1D, (6,)),
+                                                (L.ConvLSTM2D, (4, 5))])
+def test_conv_lstm_matches_numpy_reference(layer_class, space):
+    # The input and recurrent convolutions as one convolution of
+    # [x_t; h_{t-1}]: statistics per stacked channel over batch, time and
+    # space, the stacked kernel preconditioned by the NumPy reference. The
+    # layer's own returned sequence gives h_{t-1}.
+    layer = layer_class(3, 3, padding="same", return_sequences=True,
+                        bias_initializer="ones")
+    model = keras.Sequential([keras.Input((STEPS, *space, FEATURES)), layer])
+    learning_rate, momentum, epsilon, beta = 0.01, 0.9, 0.05, 0.9
+    optimizer = keras_bnp.BNP(learning_rate, momentum=momentum,
+                              epsilon=epsilon, statistics_momentum=beta)
+    optimizer.build(model.trainable_variables)
+    optimizer.track(model)
+
+    @tf.function(autograph=False)
+    def step(inputs, cotangent):
+        with optimizer.capture(model):
+            with tf.GradientTape() as tape:
+                outputs = model(inputs, training=True)
+                loss = tf.reduce_sum(outputs * cotangent)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return outputs, grads
+
+    rng = np.random.default_rng(0)
+    weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
+    stats = _reference.RawMomentStatistics(FEATURES + 3, beta)
+    sgd = _reference.SGDMomentum(learning_rate, momentum)
+    for _ in range(10):
+        x = shifted_inputs(rng, (2, STEPS, *space, FEATURES)) * 3.0 + 20.0
+        cotangent = rng.normal(size=(2, STEPS, *space, 3)).astype("float32")
+        outputs, grads = step(x, cotangent)
+        kernel, recurrent, bias = (g.numpy().astype("float64")
+                                   for g in grads)
+        previous = np.concatenate([np.zeros_like(outputs[:, :1]),
+                                   outputs[:, :-1]], 1)
+        stats.update([np.concatenate([x, previous], -1)], -1)
+        new_kernel, new_bias = _reference.precondition(
+            np.concatenate([kernel, recurrent], -2), bias, stats.mean,
+            stats.variance,
+            _reference.damping(stats.mean, stats.variance, epsilon))
+        new_grads = [new_kernel[..., :FEATURES, :],
+                     new_kernel[..., FEATURES:, :], new_bias]
+        weights = [sgd.update(i, w, g)
+                   for i, (w, g) in enumerate(zip(weights, new_grads))]
+        mean, variance = optimizer.layer_statistics(layer)
+        assert_allclose(mean, stats.mean, atol=1e-5, rtol=1e-5)
+        assert_allclose(variance, stats.variance, atol=1e-5, rtol=1e-4)
+    for actual, want in zip(layer.trainable_weights, weights):
+        assert_allclose(actual, want, atol=1e-4 * np.abs(want).max(),
+                        rtol=1e-3)
+
+
+def test_conv_lstm_of_other_shapes_is_left_out_with_a_warning():
+    layer = L.ConvLSTM2D(2, 3, padding="valid")
+    layer.build((None, STEPS, 6, 6, FEATURES))
+    with pytest.warns(UserWarning, match=(
+            r"BNP leaves ConvLSTM2D layer '\w+' unpreconditioned.*"
+            r"padding='valid' and strides=\(1, 1\).*The recurrent rule "
+            r"covers padding='same' with strides=1")):
+        assert rules.blocks(layer) == []
+
+
+def test_next_frame_model_is_fully_preconditioned():
+    # keras-io's next-frame prediction: ConvLSTM2D layers with BatchNorm
+    # between them and a Conv3D head.
+    from keras_bnp import coverage
+
+    inputs = keras.Input((None, 8, 8, 1))
+    x = inputs
+    for size in (5, 3, 1):
+        x = L.ConvLSTM2D(4, size, padding="same", return_sequences=True,
+                         activation="relu")(x)
+        x = L.BatchNormalization()(x)
+    outputs = L.Conv3D(1, 3, padding="same", activation="sigmoid")(x)
+    share = coverage.coverage(keras.Model(inputs, outputs)).kernel_parameters
+    # 3 input and 3 recurrent kernels, and the head's.
+    assert share.total == (25 * (1 + 4) + 9 * (4 + 4) + 1 * (4 + 4)) * 16 + (
+        27 * 4)
+    assert share.covered == share.total

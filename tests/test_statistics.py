@@ -286,3 +286,119 @@ def test_shift_sums_take_values_of_the_batch(jit_compile):
     total, count = statistics.shift_sums(tf.sparse.from_dense(dense), -1)
     assert float(count) == 6
     assert_allclose(total, dense.sum(0), atol=0, rtol=0)
+
+
+def _weighted_sums(values, weights, shift):
+    """NumPy `(count, sum(w (x - shift)), sum(w (x - shift)^2))` of rows
+    `values` (positions, channels) with weights `weights` (positions,),
+    leaving out the rows of weight 0 (even NaN ones)."""
+    keep = weights > 0
+    deviation = values[keep].astype("float64") - shift
+    w = weights[keep].astype("float64")
+    return w.sum(), w @ deviation, w @ deviation**2
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("case", ["dense", "sequence_per_example",
+                                  "sequence_per_step", "conv_channels_first",
+                                  "masked_sequence"])
+def test_sample_weights_weigh_each_example(case, jit_compile):
+    # Offsets far from zero; the rows of weight 0 hold values of 100 (and a
+    # NaN), which must change nothing.
+    rng = np.random.default_rng(0)
+    shape, axis, weight_shape = {
+        "dense": ((8, 4), -1, (8,)),
+        "sequence_per_example": ((8, 5, 4), -1, (8,)),
+        "sequence_per_step": ((8, 5, 4), -1, (8, 5)),
+        "conv_channels_first": ((8, 4, 3, 3), 1, (8,)),
+        "masked_sequence": ((8, 5, 4), -1, (8,)),
+    }[case]
+    x = shifted_inputs(rng, shape, axis) + 1e4
+    weights = rng.uniform(0.5, 3.0, weight_shape).astype("float32")
+    weights[:3] = 0.0
+    x[:3] = 100.0
+    x[1].flat[0] = np.nan
+    values = np.moveaxis(x, axis, -1)
+    position_weights = np.broadcast_to(
+        weights.reshape(weights.shape + (1,) * (values.ndim - 1
+                                                 - weights.ndim)),
+        values.shape[:-1]).copy()
+    mask = None
+    if case == "masked_sequence":
+        mask = rng.uniform(size=shape[:2]) < 0.7
+        position_weights *= mask
+    shift = (values[3:].reshape(-1, 4).mean(0) + 0.5).astype("float32")
+
+    def sums(x, weights, mask=None):
+        return statistics.input_sums(x, axis, tf.constant(shift),
+                                     tf.constant(1e3), mask, weights)
+
+    arguments = [tf.constant(x), tf.constant(weights)] + (
+        [] if mask is None else [tf.constant(mask)])
+    count, s1, s2 = _compiled(sums, jit_compile)(*arguments)
+    expected = _weighted_sums(values.reshape(-1, 4),
+                              position_weights.reshape(-1), shift)
+    assert_allclose(count, expected[0], rtol=1e-6, atol=0)
+    assert_allclose(s1, expected[1], rtol=1e-5, atol=1e-3)
+    assert_allclose(s2, expected[2], rtol=1e-5, atol=1e-3)
+    total, count = _compiled(
+        lambda x, w, mask=None: statistics.shift_sums(x, axis, mask, w),
+        jit_compile)(*arguments)
+    w = position_weights.reshape(-1)
+    assert_allclose(total, w[w > 0] @ values.reshape(-1, 4)[w > 0],
+                    rtol=1e-6, atol=0)
+
+
+def test_sample_weights_of_another_batch_axis_are_not_used():
+    # A layer that sees the batch reshaped (inside TimeDistributed) or
+    # stacked with itself: statically known or only when run, the
+    # statistics stay unweighted.
+    rng = np.random.default_rng(0)
+    x = shifted_inputs(rng, (12, 4)) + 50.0
+    weights = np.array([0.0, 1.0, 2.0, 1.0], np.float32)
+    shift = tf.constant(np.zeros(4, np.float32))
+    unweighted = [t.numpy() for t in statistics.input_sums(tf.constant(x),
+                                                           -1, shift)]
+    static = statistics.input_sums(tf.constant(x), -1, shift,
+                                   weights=tf.constant(weights))
+    dynamic = tf.function(
+        lambda x, w: statistics.input_sums(x, -1, shift, weights=w),
+        input_signature=[tf.TensorSpec((None, 4)), tf.TensorSpec((None,))])(
+            tf.constant(x), tf.constant(weights))
+    for sums in (static, dynamic):
+        for a, b in zip(sums, unweighted):
+            assert_allclose(a, b, rtol=0, atol=0)
+
+
+def test_sparse_rows_are_weighted():
+    rng = np.random.default_rng(0)
+    dense = np.where(rng.uniform(size=(6, 4)) < 0.5,
+                     rng.normal(size=(6, 4)) + 3.0, 0.0).astype("float32")
+    weights = np.array([0.0, 1.0, 2.0, 0.5, 1.0, 3.0], np.float32)
+    shift = np.array([1.0, -1.0, 0.5, 2.0], np.float32)
+    count, s1, s2 = statistics.input_sums(
+        tf.sparse.from_dense(dense), -1, tf.constant(shift),
+        weights=tf.constant(weights))
+    expected = _weighted_sums(dense, weights, shift)
+    assert_allclose(count, expected[0], rtol=0, atol=0)
+    assert_allclose(s1, expected[1], rtol=1e-6, atol=1e-6)
+    assert_allclose(s2, expected[2], rtol=1e-6, atol=1e-6)
+
+
+def test_several_outputs_weights_are_averaged_per_example():
+    weights = statistics.position_weights(
+        {"a": np.array([0.0, 2.0, 4.0], np.float32),
+         "b": np.array([[0.0, 0.0], [1.0, 3.0], [0.0, 2.0]], np.float32)})
+    assert_allclose(weights, [0.0, 2.0, 2.5], rtol=0, atol=0)
+    assert statistics.position_weights(None) is None
+    assert statistics.position_weights({"a": None}) is None
+
+
+def test_float64_inputs_keep_float64_sums():
+    # 1e4 +- 1e-3: float32 cannot tell the values apart.
+    x = 1e4 + np.random.default_rng(0).normal(0, 1e-3, (64, 3))
+    shift = tf.constant(np.full(3, 1e4))
+    count, s1, s2 = statistics.input_sums(tf.constant(x), -1, shift)
+    assert s1.dtype == tf.float64
+    _, variance = statistics.moments_from_sums(count, s1, s2, shift)
+    assert_allclose(variance, x.var(0), rtol=1e-9, atol=0)
