@@ -97,5 +97,7 @@ setup(
             "setuptools>=77",
         ],
         "benchmark": ["matplotlib"],
+        # What the notebooks use beside keras_bnp.
+        "notebooks": DATA + ["matplotlib"],
     },
 )

@@ -124,6 +124,12 @@ class Coverage:
                 groups[row.layer_class, row.rule] += row.params
         return [(*key, params) for key, params in groups.most_common()]
 
+    def __str__(self):
+        return self.table()
+
+    def __repr__(self):
+        return f"<Coverage: {self.line()}>"
+
     def line(self):
         """One line: the preconditioned shares."""
         if not self.rows:
@@ -263,8 +269,11 @@ def coverage(model):
 
 
 def report(model, print_fn=print):
-    """Prints the coverage table of `model` (see `coverage`)."""
-    print_fn(coverage(model).table())
+    """Prints the coverage table of `model` and returns its `Coverage`
+    (whose `str` is the table; `line()` and the shares are its summary)."""
+    result = coverage(model)
+    print_fn(result.table())
+    return result
 
 
 def shorten(text, width):

@@ -8,6 +8,7 @@ size and at a tiny one, where BatchNormalization cannot help.
 """
 
 import argparse
+import os
 
 import keras_bnp
 from keras_bnp import _cli
@@ -34,6 +35,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.source == "tfds":
         _cli.require("tensorflow_datasets", "data", "--source tfds")
+    # TensorFlow's start-up lines (CPU features, no CUDA driver) would break
+    # up the table; a setting of the user's own stands.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     keras_bnp._import_api()
 
     print(

@@ -100,10 +100,11 @@ _NESTED = {
 def _missing_capture(model):
     """The error message for a step that recorded no layer inputs, for the
     model BNP last tracked (`None` if none)."""
-    from keras_bnp.model import BNPMixin  # keras_bnp.model imports this
-
-    if (isinstance(model, BNPMixin)
-            and type(model).train_step is not BNPMixin.train_step):
+    # `BNPMixin` by name: `keras_bnp.model` imports this module.
+    mixin = next((base for base in type(model).__mro__
+                  if base.__module__ == "keras_bnp.model"
+                  and base.__name__ == "BNPMixin"), None)
+    if mixin is not None and type(model).train_step is not mixin.train_step:
         return _CUSTOM_STEP.format(name=model.name, cls=type(model).__name__)
     return _MISSING_CAPTURE
 

@@ -15,3 +15,20 @@ def _seed_and_clear():
     keras.utils.set_random_seed(1234)
     yield
     keras.backend.clear_session()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full", action="store_true",
+        help="also run the tests marked slow (the full tier, which CI and "
+        "the README's test command run); without it, the fast tier")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items
+                    if not item.get_closest_marker("slow")]

@@ -206,3 +206,14 @@ def test_command_prints_a_small_model():
             f"({covered / 134_165:.1%}) trainable parameters") in run.stdout
     assert run.stdout.splitlines()[-1].split()[:3] == [
         "vae", "134,165", f"{covered / 134_165:.1%}"]
+
+
+def test_report_prints_the_table_and_returns_the_coverage():
+    model = _mixed_model()
+    printed = []
+    result = keras_bnp.coverage.report(model, print_fn=printed.append)
+    table = keras_bnp.coverage.coverage(model).table()
+    assert printed == [table]
+    assert str(result) == table
+    assert repr(result) == f"<Coverage: {result.line()}>"
+    assert result.kernel_parameters.covered == 294

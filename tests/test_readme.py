@@ -11,8 +11,8 @@ README = pathlib.Path(__file__).parent.parent / "README.md"
 # Every Python block, by the section it is in; the Scaling out block runs
 # on two replicas in tests/test_distribute.py.
 SECTIONS = ("## Quickstart", "## Saving, resuming and serving",
-            "## Custom training steps", "### keras-hub models",
-            "## Scaling out")
+            "## Custom training steps", "### Two optimizers: GANs",
+            "### keras-hub models", "## Scaling out")
 
 
 def _python_block(heading):
@@ -109,3 +109,22 @@ def test_keras_hub_section_runs_learns_and_saves(tmp_path, capsys):
         np.testing.assert_array_equal(saved.numpy(), trained.numpy())
     np.testing.assert_allclose(restored.predict(x, verbose=0),
                                model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_gan_section_trains_saves_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(_python_block("### Two optimizers: GANs"), "README GAN",
+                 "exec"), namespace)
+    gan, resumed = namespace["gan"], namespace["resumed"]
+    # 2048 images in batches of 64: 32 steps of each optimizer.
+    assert "steps restored: 32 32" in capsys.readouterr().out
+    for trained, loaded in ((gan.d_optimizer, resumed.d_optimizer),
+                            (gan.g_optimizer, resumed.g_optimizer)):
+        for a, b in zip(trained.variables, loaded.variables):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Each keeps the statistics of its own network's two Dense layers.
+    assert sorted(row["layer"] for row in gan.d_optimizer.statistics_summary()
+                  ) == sorted(layer.name for layer in gan.discriminator.layers
+                              if isinstance(layer, keras.layers.Dense))
+    assert len(gan.g_optimizer.statistics_summary()) == 2
