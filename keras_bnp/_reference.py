@@ -76,12 +76,12 @@ def damping(mean, variance, epsilon, relative=True):
                np.finfo(np.float32).tiny)
 
 
-def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
+def precondition(grad_kernel, grad_bias, mean, variance, damping, groups=1):
     """BNP-preconditioned `(grad_kernel, grad_bias)` by explicit inverses.
 
     For output unit `o`, the fan-in vector `u` lists the kernel entries
     `[..., c, o]` (all spatial positions, the channels of `o`'s group). The
-    preconditioner is `inv(A)` with `A = diag(variance_u + epsilon) +
+    preconditioner is `inv(A)` with `A = diag(variance_u + damping) +
     mean_u mean_u^T` (no bias), or, with bias, the augmented
     `[[A, mean_u], [mean_u^T, 1]]` acting on `[g_u; g_bias[o]]`.
     """
@@ -94,7 +94,7 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
         channels = np.arange(group * fan_in, (group + 1) * fan_in)
         mean_u = np.broadcast_to(mean[channels], (*spatial, fan_in)).ravel()
         var_u = np.broadcast_to(variance[channels], (*spatial, fan_in)).ravel()
-        second_moment = np.diag(var_u + epsilon) + np.outer(mean_u, mean_u)
+        second_moment = np.diag(var_u + damping) + np.outer(mean_u, mean_u)
         gradient = grad_kernel[..., o].ravel()
         if grad_bias is not None:
             second_moment = np.block(
@@ -164,7 +164,7 @@ def depthwise_conv(inputs, kernel, strides=1, padding="valid",
     return np.moveaxis(out, -1, 1) if channels_first else out
 
 
-def depthwise_precondition(grad_kernel, grad_bias, mean, variance, epsilon):
+def depthwise_precondition(grad_kernel, grad_bias, mean, variance, damping):
     """BNP-preconditioned gradients of a depthwise kernel `(*spatial,
     channels, multiplier)` and its bias `(channels * multiplier,)` (or
     `None`): each input channel `c` is its own layer, whose fan-in is the
@@ -179,7 +179,7 @@ def depthwise_precondition(grad_kernel, grad_bias, mean, variance, epsilon):
         kernel, bias = precondition(
             grad_kernel[..., c:c + 1, :],
             None if grad_bias is None else grad_bias[units],
-            mean[c:c + 1], variance[c:c + 1], epsilon)
+            mean[c:c + 1], variance[c:c + 1], damping)
         out_kernel[..., c:c + 1, :] = kernel
         if grad_bias is not None:
             out_bias[units] = bias
@@ -213,7 +213,7 @@ def einsum_features(inputs, equation):
 
 
 def einsum_precondition(grad_kernel, grad_bias, equation, bias_axes, mean,
-                        variance, epsilon):
+                        variance, damping):
     """BNP-preconditioned gradients of an `EinsumDense` kernel and bias.
 
     The kernel gradient as a matrix (rows: the contracted axes' indices in
@@ -241,7 +241,7 @@ def einsum_precondition(grad_kernel, grad_bias, equation, bias_axes, mean,
             [size.get(a, 1) for a in letters])
         bias = np.einsum(f"{letters}->{units}", bias).reshape(-1)
     matrix, bias = precondition(matrix, bias if exact else None, mean,
-                                variance, epsilon)
+                                variance, damping)
     new_kernel = np.einsum(f"{contracted}{units}->{kernel}",
                            matrix.reshape(shape))
     if not exact:
@@ -251,7 +251,7 @@ def einsum_precondition(grad_kernel, grad_bias, equation, bias_axes, mean,
     return new_kernel, bias.reshape(np.shape(grad_bias))
 
 
-def precondition_transposed(grad_kernel, grad_bias, mean, variance, epsilon,
+def precondition_transposed(grad_kernel, grad_bias, mean, variance, damping,
                             strides):
     """`precondition` for a transposed convolution's kernel `(*spatial,
     units, in_channels)`: output unit `o`'s fan-in is every entry `[...,
@@ -260,7 +260,7 @@ def precondition_transposed(grad_kernel, grad_bias, mean, variance, epsilon,
     positions is `mean / prod(strides)`; the variance is the input's."""
     kernel, bias = precondition(
         np.swapaxes(grad_kernel, -1, -2), grad_bias,
-        np.asarray(mean) / np.prod(strides), variance, epsilon)
+        np.asarray(mean) / np.prod(strides), variance, damping)
     return np.swapaxes(kernel, -1, -2), bias
 
 

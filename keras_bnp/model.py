@@ -12,8 +12,8 @@ import tensorflow as tf
 from keras_bnp import coverage
 from keras_bnp import initialization
 from keras_bnp.callbacks import StatisticsWarnings
+from keras_bnp.capture import capture_step
 from keras_bnp.optimizer import attached
-from keras_bnp.optimizer import capture_step
 from keras_bnp.optimizer import find_bnp
 
 _FIT = inspect.signature(keras.Model.fit)

@@ -22,13 +22,16 @@ DAMPING_FLOOR = 1e-6
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-def damping(mean, variance, epsilon):
-    """The value added to each input variance for a relative `epsilon`:
-    `epsilon` times the layer's mean input variance, so that the rule does
-    not depend on the units of the layer's inputs (scaling the inputs by
-    `a` scales the preconditioned gradient by `1 / a^2`, as normalizing
-    them would). At least `DAMPING_FLOOR` times the mean input second
-    moment, and never 0."""
+def damping(mean, variance, epsilon, relative=True):
+    """The value added to each input variance of a layer with these
+    statistics: `epsilon` itself when not `relative`; else `epsilon` times
+    the layer's mean input variance, so that the rule does not depend on
+    the units of the layer's inputs (scaling the inputs by `a` scales the
+    preconditioned gradient by `1 / a^2`, as normalizing them would), at
+    least `DAMPING_FLOOR` times the mean input second moment, and never
+    0."""
+    if not relative:
+        return epsilon
     variance = tf.reduce_mean(variance)
     second_moment = variance + tf.reduce_mean(tf.square(mean))
     return tf.maximum(
@@ -52,18 +55,18 @@ def kernel_view(per_channel, kernel_shape, groups=1):
     return tf.repeat(tf.transpose(per_group), units // groups, axis=1)
 
 
-def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
+def precondition(grad_kernel, grad_bias, mean, variance, damping, groups=1):
     """Preconditions one layer's gradients with its input statistics.
 
     With a bias (the input-side factor of the layer's curvature, with the
     input covariances dropped; see `BNP` for the derivation):
 
-        g_kernel = (g_kernel - mean * g_bias) / (variance + epsilon)
+        g_kernel = (g_kernel - mean * g_bias) / (variance + damping)
         g_bias = g_bias - sum_{fan-in axes}(g_kernel * mean)
 
     Without a bias the centring cannot move into a bias, so the kernel
     gradient is multiplied by the inverse of the diagonal-plus-mean second
-    moment `diag(variance + epsilon) + mean mean^T` of the flattened fan-in
+    moment `diag(variance + damping) + mean mean^T` of the flattened fan-in
     (Sherman-Morrison). Both maps are symmetric positive definite, so the
     result is always a descent direction.
 
@@ -74,7 +77,7 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
             bias.
         mean: Per-input-channel mean, `(in_channels,)`.
         variance: Per-input-channel variance, `(in_channels,)`.
-        epsilon: The damping added to the variance: a Python float, or a
+        damping: What is added to the variance: a Python float, or a
             scalar tensor such as `damping(mean, variance, epsilon)`.
         groups: Number of convolution groups.
 
@@ -85,11 +88,11 @@ def precondition(grad_kernel, grad_bias, mean, variance, epsilon, groups=1):
     dtype = grad_kernel.dtype
     shape = grad_kernel.shape
     mean = kernel_view(tf.cast(mean, dtype), shape, groups)
-    # A Python-float epsilon converts exactly to the gradients' dtype.
-    if tf.is_tensor(epsilon):
-        epsilon = tf.cast(epsilon, dtype)
+    # A Python-float damping converts exactly to the gradients' dtype.
+    if tf.is_tensor(damping):
+        damping = tf.cast(damping, dtype)
     inverse = kernel_view(
-        1.0 / (tf.cast(variance, dtype) + epsilon), shape, groups
+        1.0 / (tf.cast(variance, dtype) + damping), shape, groups
     )
     inverse_mean = inverse * mean
     spatial_size = math.prod(shape[:-2])
