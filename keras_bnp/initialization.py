@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bnp import _compat
 from keras_bnp import registry
 from keras_bnp import rules
 
@@ -82,7 +83,7 @@ def plan(model):
     graph = model._functional if isinstance(model, keras.Sequential) else model
     if graph is None:
         return Plan((), "the Sequential model is not built")
-    if not isinstance(graph, registry.Functional):
+    if not isinstance(graph, _compat.Functional):
         return Plan((), (
             f"{type(model).__name__} is a subclassed model, whose graph "
             "between layers is not visible"))
@@ -372,7 +373,7 @@ def fit_batch(x, y, sample_weight, class_weight):
         return None
     inputs = keras.tree.map_structure(lambda a: _head(a, EXAMPLES), x)
     if sample_weight is None and class_weight is not None:
-        sample_weight = registry.class_weight_to_sample_weights(
+        sample_weight = _compat.class_weight_to_sample_weights(
             keras.tree.map_structure(lambda a: _head(a, EXAMPLES), y),
             class_weight)
     if sample_weight is not None:

@@ -6,16 +6,8 @@ import sys
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import symbolic_scope
-from keras.src.models.functional import Functional  # noqa: F401
-from keras.src.saving import saving_lib
-from keras.src.saving.keras_saveable import KerasSaveable
-from keras.src.trainers.data_adapters.data_adapter_utils import (  # noqa: F401
-    class_weight_to_sample_weights,
-)
-from keras.src.utils import naming
-from tensorflow.python.ops.parallel_for import control_flow_ops as parallel_for
 
+from keras_bnp import _compat
 from keras_bnp import rules
 
 
@@ -45,7 +37,7 @@ def saved_paths(model):
         if id(saveable) in paths:
             return
         paths[id(saveable)] = path
-        for attribute, child in saving_lib._walk_saveable(saveable):
+        for attribute, child in _compat.walk_saveable(saveable):
             visit_child(child, f"{path}/{attribute}".lstrip("/"), set())
 
     def visit_child(child, path, containers):
@@ -57,13 +49,13 @@ def saved_paths(model):
             containers.add(id(child))
             used = {}
             for item in (child.values() if isinstance(child, dict) else child):
-                if isinstance(item, KerasSaveable):
-                    name = naming.to_snake_case(type(item).__name__)
+                if isinstance(item, _compat.KerasSaveable):
+                    name = _compat.snake_case(type(item).__name__)
                 elif isinstance(item, (list, dict, tuple)):
                     name = "container"
                 else:
                     continue
-                name = saving_lib._get_unique_name(name, used)
+                name = _compat.unique_name(name, used)
                 visit_child(item, f"{path}/{name}", containers)
 
     visit(model, "")
@@ -121,8 +113,6 @@ _CONSTRUCTS = {
     "WhileCondFuncGraph": "loop",
     "CondBranchFuncGraph": "cond",  # tf.cond, keras.ops.cond on a tensor
 }
-_PFOR_CODE = getattr(getattr(parallel_for, "_pfor_impl", None), "__code__",
-                     None)
 
 
 def _nesting(current, graph):
@@ -131,7 +121,7 @@ def _nesting(current, graph):
     `"cond"` or `"function"` (a nested `tf.function`); `None` for a call in
     `graph` itself, in an unrelated graph, or for Keras' symbolic shape
     inference."""
-    if symbolic_scope.in_symbolic_scope():
+    if _compat.in_symbolic_scope():
         return None
     if _in_vectorized_map():
         return "vectorized_map"
@@ -152,7 +142,7 @@ def _in_vectorized_map():
     one element, not the batch."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _PFOR_CODE:
+        if frame.f_code is _compat.PFOR_CODE:
             return True
         frame = frame.f_back
     return False

@@ -22,9 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src import tree
-from keras.src.backend.common import masking
-from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
+
+from keras_bnp import _compat
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -508,7 +507,7 @@ class StackedBlock(Block):
 
 
 _CELLS = (keras.layers.SimpleRNNCell, keras.layers.LSTMCell,
-          keras.layers.GRUCell, ConvLSTMCell)
+          keras.layers.GRUCell, _compat.ConvLSTMCell)
 
 
 class RecurrentRule(Rule):
@@ -542,7 +541,7 @@ class RecurrentRule(Rule):
 
     def left_out(self, layer):
         cell = layer.cell
-        if isinstance(cell, ConvLSTMCell) and (
+        if isinstance(cell, _compat.ConvLSTMCell) and (
                 cell.padding != "same" or max(cell.strides) > 1):
             return ("its input convolution has padding="
                     f"'{cell.padding}' and strides={cell.strides}, so its "
@@ -647,7 +646,7 @@ def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
     unmasked; `dropout`: the masks that multiply the input and h_{t-1}."""
     # A new tensor: the mask set below must not replace the input's.
     inputs = tf.identity(tf.cast(sequences, outputs.dtype))
-    if tree.is_nested(mask):
+    if keras.tree.is_nested(mask):
         mask = mask[0]
     if mask is not None:
         mask = tf.cast(mask, tf.bool)
@@ -675,7 +674,7 @@ def _recurrent_features(cell, go_backwards, sequences, initial_output, mask,
         features["candidate"] = tf.concat([reset * previous, inputs], -1)
     if mask is not None:
         for tensor in features.values():
-            masking.set_keras_mask(tensor, mask)
+            _compat.set_keras_mask(tensor, mask)
     return features
 
 

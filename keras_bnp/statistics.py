@@ -15,8 +15,7 @@ which has no running mean yet, takes it from the batch (`shift_sums`).
 
 import tensorflow as tf
 
-# What tf.function itself uses to know that it traces for XLA.
-from tensorflow.python.ops import control_flow_util
+from keras_bnp import _compat
 
 # `input_sums` may skip centring when every channel's running mean is within
 # this factor of its running variance: shift^2 <= RAW_SUMS_MAX_RATIO * var.
@@ -252,8 +251,8 @@ def _sum_of_squares(x, axes):
 
 def _in_xla():
     """Whether ops are being traced for XLA (`jit_compile=True`)."""
-    return control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph())
+    # What tf.function itself uses to know that it traces for XLA.
+    return _compat.in_xla_context(tf.compat.v1.get_default_graph())
 
 
 def moments_from_sums(count, centred_sum, centred_square_sum, shift):
