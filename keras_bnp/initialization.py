@@ -306,7 +306,7 @@ def _finite(tensor):
 def _scale(layer, outputs, weights, target_variance, scales, name):
     """Scales `layer`'s variables to give `outputs` (its pre-activations)
     unit variance per the docstring above; returns the new outputs."""
-    axis = rules._channel_axis(layer) % outputs.shape.rank
+    axis = rules.channel_axis(layer) % outputs.shape.rank
     values = tf.cast(outputs, tf.float64)
     shape = [1] * values.shape.rank
     shape[0] = -1

@@ -12,7 +12,7 @@ README = pathlib.Path(__file__).parent.parent / "README.md"
 # on two replicas in tests/test_distribute.py.
 SECTIONS = ("## Quickstart", "## Saving, resuming and serving",
             "## Custom training steps", "### Two optimizers: GANs",
-            "### keras-hub models", "## Scaling out")
+            "### keras-hub models", "## Scaling out", "### Your own layers")
 
 
 def _python_block(heading):
@@ -128,3 +128,18 @@ def test_gan_section_trains_saves_and_resumes(tmp_path, monkeypatch, capsys):
                   ) == sorted(layer.name for layer in gan.discriminator.layers
                               if isinstance(layer, keras.layers.Dense))
     assert len(gan.g_optimizer.statistics_summary()) == 2
+
+
+def test_own_layer_section_registers_a_rule(capsys):
+    from keras_bnp import rules
+
+    count = len(rules.RULES)
+    namespace = {}
+    try:
+        exec(compile(_python_block("### Your own layers"), "README rule",
+                     "exec"), namespace)
+    finally:
+        del rules.RULES[count:]
+    assert capsys.readouterr().out == (
+        "BNP preconditions 27 of 27 (100.0%) trainable parameters; kernels: "
+        "1 of 1 variables, 24 of 24 (100.0%) parameters.\n")
