@@ -12,6 +12,9 @@ from keras_bnp import benchmark
 from keras_bnp import data
 from keras_bnp import experiment
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 COMMAND = [
     sys.executable, "-m", "keras_bnp.benchmark", "--methods", "bnp",
     "batchnorm", "--batch-sizes", "4", "32", "--seeds", "0",

@@ -187,6 +187,7 @@ def test_coverage_of_something_else_names_the_fix():
         "`Input`, call it on data, or call `model.build(shape)`).")
 
 
+@pytest.mark.slow
 def test_command_prints_a_small_model():
     run = subprocess.run(
         [sys.executable, "-m", "keras_bnp.coverage", "--models", "vae",

@@ -72,6 +72,7 @@ def _fit(model, x, optimizer, epochs=3, **compile_args):
                      verbose=0)
 
 
+@pytest.mark.slow
 def test_custom_step_with_bnp_capture_trains_as_the_mixins_step():
     x = _data()
     models = []
@@ -217,6 +218,7 @@ def _fit_gan(gan, data, epochs=1):
     return gan.fit(dataset, epochs=epochs, shuffle=False, verbose=0)
 
 
+@pytest.mark.slow
 def test_gan_pattern_keeps_each_optimizers_statistics_of_its_own_steps():
     data = _gan_data()
     gan = _gan()
@@ -240,6 +242,7 @@ def test_gan_pattern_keeps_each_optimizers_statistics_of_its_own_steps():
         layer.name for layer in gan.generator.layers)
 
 
+@pytest.mark.slow
 def test_gan_pattern_warns_about_non_finite_inputs_for_its_optimizers():
     real, z_d, z_g = _gan_data()
     real[-5, 0] = np.nan  # in the last step
@@ -254,6 +257,7 @@ def test_gan_pattern_warns_about_non_finite_inputs_for_its_optimizers():
     assert gan.g_optimizer.skipped_statistics_updates == 0
 
 
+@pytest.mark.slow
 def test_gan_pattern_saves_loads_and_resumes_bit_identically(tmp_path):
     data = _gan_data()
     gan = _gan()

@@ -5,6 +5,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 
 def test_demo_prints_accuracy_and_time_of_each_method():
     # With TensorFlow's logging at its default: no log line between the

@@ -16,6 +16,9 @@ import pytest
 from helpers import assert_allclose
 from helpers import subprocess_env
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 SCRIPT = pathlib.Path(__file__).parent / "distributed_run.py"
 ENV = subprocess_env()
 

@@ -12,6 +12,9 @@ import pytest
 
 from keras_bnp import experiment
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 
 def test_tfds_trains_the_cnn_on_cifar10_and_the_mlp_on_mnist():
     assert experiment.dataset_for("cnn", "tfds") == "cifar10"

@@ -65,6 +65,7 @@ def summary(array):
             float(np.abs(array.astype("float64")).sum()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_seeded_runs_end_where_recorded(name):
     golden = json.loads(GOLDEN.read_text())

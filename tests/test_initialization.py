@@ -12,7 +12,6 @@ from helpers import assert_allclose
 import keras_bnp
 from keras_bnp import initialization
 from keras_bnp import zoo
-from keras_bnp.coverage import CoverageWarning
 
 
 def _planned(model):
@@ -153,19 +152,25 @@ def test_class_weights_weight_the_statistics():
 # --- where it stops: anything whose reaction to scale is unknown --------
 
 
+@pytest.mark.slow
 def test_keras_applications_heads_keep_their_weights():
-    # Their softmax heads sit behind BatchNormalization: nothing scaled.
+    # Their softmax heads sit behind BatchNormalization: nothing scaled
+    # (NASNetMobile's BatchNorm moving variances grew to 6.8e6 after
+    # scaled layers; see docs/zoo.md).
     for build in (keras.applications.EfficientNetV2B0,
                   keras.applications.ResNet50V2,
-                  keras.applications.MobileNetV3Small):
+                  keras.applications.MobileNetV3Small,
+                  keras.applications.NASNetMobile):
         base = build(weights=None, classes=10, input_shape=(32, 32, 3))
         model = keras_bnp.BNPModel(base.inputs, base.outputs)
         assert _planned(model) == []
 
 
-def test_layers_behind_a_layer_without_a_rule_are_not_scaled():
-    # ConvLSTM2D has no BNP rule; the Conv3D head behind it was scaled
-    # x4885 to the output of an untrained recurrent layer.
+@pytest.mark.slow
+def test_layers_behind_a_recurrent_layer_are_not_scaled():
+    # Scaling a ConvLSTM2D's kernels does not scale its output; the Conv3D
+    # head behind it was scaled x4885 to the output of the untrained
+    # recurrent layer.
     inputs = keras.Input((3, 8, 8, 1))
     hidden = keras.layers.ConvLSTM2D(4, 3, padding="same",
                                      return_sequences=True)(inputs)
@@ -177,8 +182,7 @@ def test_layers_behind_a_layer_without_a_rule_are_not_scaled():
         "float32")
     before = _weights(model)
     model.compile(optimizer=keras_bnp.BNP(0.0), loss="mse")
-    with pytest.warns(CoverageWarning, match="ConvLSTMCell 720"):
-        model.fit(x, x, batch_size=16, verbose=0)
+    model.fit(x, x, batch_size=16, verbose=0)
     for weight, want in zip(model.weights, before):
         assert_allclose(weight, want, atol=0, rtol=0)
 
@@ -268,6 +272,7 @@ def test_a_subclassed_model_is_not_scaled_and_says_why(capsys):
 # --- trained or loaded weights are never changed ------------------------
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_the_pretrained_predictions(capsys):
     x, y = _tabular(256)
     x = (x - x.mean(0)) / x.std(0)

@@ -10,6 +10,9 @@ import pytest
 
 from keras_bnp import experiment
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 LEARNING_RATES = (0.001, 0.003, 0.01)
 
 

@@ -50,6 +50,7 @@ def test_statistics_of_every_layer_match_numpy(
     assert not any("call" in layer.__dict__ for layer in references)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_convolution_statistics_in_fit_match_numpy(jit_compile):
     # The convolution input sums (a squared norm, and a centring choice per
@@ -89,6 +90,7 @@ def test_zero_momentum_full_batch_gives_batch_mean_and_population_variance():
                     rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
 def test_every_model_kind_trains(kind, jit_compile):
@@ -131,6 +133,7 @@ def _history(model_class, optimizer, **fit_kwargs):
     ).history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fit_kwargs",
     [{}, {"sample_weight": np.linspace(0.1, 2.0, 24)}],
@@ -149,6 +152,7 @@ def test_history_equals_default_train_step(fit_kwargs):
         assert_allclose(bnp[key], plain[key], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_class_weight_is_applied():
     def loss_of(model_class, optimizer, class_weight):
         keras.utils.set_random_seed(0)
@@ -204,6 +208,7 @@ def test_sample_and_class_weights_weigh_the_statistics(weighting):
         assert_statistics_match(model.optimizer, layer, reference)
 
 
+@pytest.mark.slow
 def test_sparse_inputs_train_as_their_dense_version():
     # A Dense layer on sparse inputs computes what it computes on the dense
     # tensor, so BNP must take the same steps and keep the same statistics.
@@ -277,6 +282,7 @@ def test_callbacks_change_the_inner_learning_rate():
     assert_allclose(history.history["learning_rate"], [0.01, 0.02])
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_are_untouched():
     bnp_model = mlp(inputs=IN, outputs=OUT)
     bnp_model.compile(optimizer=keras_bnp.BNP(0.05), loss=logits_loss(),

@@ -7,6 +7,9 @@ import pytest
 from helpers import repository_url
 from nbclient import NotebookClient
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS = sorted(
     (pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 

@@ -53,7 +53,14 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+# Above 5 s each on 2 cores: in the full tier only.
+SLOW_LAYERS = ("conv2d_groups", "conv3d_channels_first",
+               "conv3d_channels_first_no_bias")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYERS
+    else name for name in sorted(LAYERS)])
 def test_many_steps_match_numpy_reference(name):
     factory, input_shape, channel_axis = LAYERS[name]
     layer = factory()
@@ -118,6 +125,7 @@ def test_identity_statistics_reduce_to_sgd():
         assert_allclose(bnp_weight, sgd_weight, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_inner_optimizer_trains_other_variables_unchanged():
     # LayerNormalization's gamma/beta are not preconditioned: their first
     # Adam step must equal plain Adam's.
@@ -164,6 +172,7 @@ INNER_ARGUMENTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("name", sorted(INNER_ARGUMENTS))
 def test_inner_optimizer_arguments_act_on_preconditioned_gradients(
@@ -438,6 +447,7 @@ def test_gradient_accumulation_updates_statistics_per_micro_batch():
     assert_statistics_match(model.optimizer, model.layers[0], reference)
 
 
+@pytest.mark.slow
 def test_statistics_momentum_zero_at_batch_size_one_warns():
     # The mean is the example itself and the variance 0: the centred kernel
     # gradient is 0 but for rounding.

@@ -61,6 +61,7 @@ def _assert_same_state(model, other, atol=1e-6):
         assert_allclose(a, b, atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", SAVED_KINDS)
 def test_keras_file_resumes_exactly(kind, tmp_path):
     straight = _straight(kind)
@@ -80,6 +81,7 @@ def test_keras_file_resumes_exactly(kind, tmp_path):
     _assert_same_state(straight, loaded)
 
 
+@pytest.mark.slow
 def test_keras_file_resumes_exactly_in_a_fresh_process(tmp_path):
     straight = _straight("functional_branches")
     model = _compiled("functional_branches")
@@ -109,6 +111,7 @@ def test_keras_file_resumes_exactly_in_a_fresh_process(tmp_path):
         assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_tf_train_checkpoint_carries_the_statistics(tmp_path):
     straight = _straight("sequential")
     model = _compiled("sequential")
@@ -124,6 +127,7 @@ def test_tf_train_checkpoint_carries_the_statistics(tmp_path):
     _assert_same_state(straight, restored)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights_only", [True, False])
 def test_model_checkpoint_callback_resumes(weights_only, tmp_path):
     straight = _straight("functional_branches")
@@ -146,6 +150,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_an_interrupted_run(tmp_path):
     straight = _straight("sequential", epochs=3)
     backup = str(tmp_path / "backup")
@@ -201,6 +206,7 @@ def _graph_op_types(path):
     return sorted(op.type for op in graph.get_operations())
 
 
+@pytest.mark.slow
 def test_export_serves_predictions_and_contains_no_bnp_work(tmp_path):
     model = _straight("functional_branches", epochs=1)
     model.export(str(tmp_path / "bnp"), verbose=False)
@@ -232,6 +238,7 @@ def _every_kind():
     return model
 
 
+@pytest.mark.slow
 def test_every_layer_kind_exports_saves_and_resumes_exactly(tmp_path):
     rng = np.random.default_rng(0)
     x = (3.0 * rng.normal(size=(64, 8, 8, 3)) + 5.0).astype("float32")
@@ -263,6 +270,7 @@ def restore_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_with_float32_statistics(policy, restore_policy):
     from keras_bnp import data
@@ -291,6 +299,7 @@ def test_mixed_precision_trains_with_float32_statistics(policy, restore_policy):
     assert np.all(variance >= 0)
 
 
+@pytest.mark.slow
 def test_graph_xla_and_eager_steps_give_the_same_weights():
     # Graph mode runs BNP's update and the inner SGD as one XLA call,
     # jit_compile the whole step, run_eagerly op by op.
@@ -368,6 +377,7 @@ _REORDERED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_reload_with_layers_created_in_another_order(momentum, tmp_path):
     # Saved in one process, loaded in another whose model creates its
@@ -499,6 +509,7 @@ _REORDERED_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_tf_checkpoint_restores_each_layer_its_own_state(inner, tmp_path):
     # A tf.train.Checkpoint (via CheckpointManager) restored in a fresh
@@ -529,6 +540,7 @@ def test_tf_checkpoint_restores_each_layer_its_own_state(inner, tmp_path):
                         loaded[name], value, err_msg=f"{nested} {when} {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sequential", "deferred_sequential"])
 def test_tf_checkpoint_restored_before_the_first_step_resumes(kind, tmp_path):
     # Restored into a fresh model before any step, so that BNP's variables
@@ -578,6 +590,7 @@ def test_k_fold_reuse_is_refused_and_leaves_the_first_model_intact(tmp_path):
             assert_allclose(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_popped_layer_is_released(tmp_path):
     # After `pop` (and compiling again with the same optimizer), BNP keeps
     # no statistics of the removed layer, and saves those of the layers
@@ -688,6 +701,7 @@ def _statistics_values(bnp):
     return [v.numpy() for _, s in bnp._saved_slots() for v in s.variables]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("written", [0, 2, 8])
 def test_weights_file_of_an_interrupted_save_is_refused(written, tmp_path,
                                                         monkeypatch):

@@ -112,6 +112,7 @@ def _affine_run(x, y, scale, shift, steps=15, **bnp_arguments):
 
 
 # Float32 training: the same 4 examples on every run keep CI reproducible.
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(st.integers(0, 2**32 - 1))
 def test_training_is_invariant_to_affine_input_changes(seed):
@@ -132,6 +133,7 @@ def test_training_is_invariant_to_affine_input_changes(seed):
                                           steps=0)).max() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1e-4, 1e3])
 def test_default_damping_is_invariant_to_the_inputs_scale(scale):
     # At the default (relative) epsilon, scaling all of a layer's inputs by

@@ -29,6 +29,7 @@ def test_every_python_block_is_run_by_a_test():
         assert "print(" in block
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_learns(capsys):
     code = _python_block("## Quickstart")
     assert len(code.strip().splitlines()) <= 25
@@ -44,6 +45,7 @@ def test_quickstart_runs_and_learns(capsys):
     assert "input statistics: (784,) (784,)" in out
 
 
+@pytest.mark.slow
 def test_saving_section_runs_alone(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace = {}
@@ -72,6 +74,7 @@ def test_saving_section_runs_alone(tmp_path, monkeypatch, capsys):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_custom_training_step_section_runs_and_learns(capsys):
     namespace = {}
     exec(compile(_python_block("## Custom training steps"),
@@ -111,6 +114,7 @@ def test_keras_hub_section_runs_learns_and_saves(tmp_path, capsys):
                                model.predict(x, verbose=0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gan_section_trains_saves_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace = {}

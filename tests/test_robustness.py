@@ -27,6 +27,7 @@ def _mnist(n):
     return x[:n].reshape(n, -1), y[:n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size, learning_rate, epochs",
                          [(1, 0.003, 1), (2, 0.003, 1), (32, 0.03, 3)])
 def test_constant_columns_and_dead_units_do_not_blow_up(
@@ -111,6 +112,7 @@ def test_smaller_last_batch_is_weighted_by_its_size():
     assert_allclose(variance, reference.variance, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ten_thousand_steps_at_batch_size_one_stay_finite():
     x, y = _mnist(2000)
     model = mlp(inputs=784, hidden=64, outputs=10)
@@ -137,6 +139,7 @@ def test_mixin_with_another_optimizer_does_no_statistics_work(monkeypatch):
     assert all("call" not in layer.__dict__ for layer in model.layers)
 
 
+@pytest.mark.slow
 def test_loading_without_import_gives_keras_message(tmp_path):
     model = mlp(inputs=6, outputs=3)
     model.compile(optimizer=keras_bnp.BNP(), loss=logits_loss())
@@ -248,6 +251,7 @@ def test_first_update_is_exact_for_far_offset_dense_inputs(jit_compile):
     _assert_first_statistics_exact(model.optimizer, model.layers[0], x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_first_update_is_exact_for_far_offset_images(data_format,
@@ -345,6 +349,7 @@ def test_nanosecond_timestamps_keep_their_statistics():
 
 # The SimpleRNN's kernels are left to the inner optimizer, which `fit`
 # warns about; this test is about the Dense layer's statistics.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::keras_bnp.coverage.CoverageWarning")
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_steps_without_values_are_not_skips(jit_compile):

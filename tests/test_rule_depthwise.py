@@ -138,6 +138,7 @@ def test_depthwise_many_steps_match_numpy_reference(name):
     _run(name, DEPTHWISE, precondition)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SEPARABLE))
 def test_separable_many_steps_match_numpy_reference(name):
     # The depthwise kernel by the rule without bias on the input's
@@ -270,6 +271,7 @@ def test_applications_have_every_kernel_preconditioned(application, size):
     assert kernels.covered == kernels.total
 
 
+@pytest.mark.slow
 def test_fit_preconditions_every_kernel_and_resumes_exactly(tmp_path):
     rng = np.random.default_rng(6)
     x = _inputs(rng, (16, 8, 8, 3), False)

@@ -146,6 +146,7 @@ def test_masked_positions_are_left_out():
     assert_allclose(variance, want.var(0), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_attention_projections_leave_masked_positions_out(jit_compile):
     # MultiHeadAttention removes its inputs' masks before its projections;
@@ -231,6 +232,7 @@ def _projection_inputs(attention, x, mask=None):
     return {"query": x, "key": x, "value": x, "output": heads}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_attention_projections_statistics_in_fit(jit_compile):
     length, dim, heads, batch, steps = 6, 8, 2, 4, 3
@@ -276,6 +278,7 @@ def test_initial_scaling_stops_at_attention():
         keras_bnp.scale_to_unit_variance(model, x)
 
 
+@pytest.mark.slow
 def test_attention_statistics_survive_saving(tmp_path):
     # Two attention layers: their projections' names repeat ("query", ...);
     # the saved statistics are keyed by the layers' paths in the file.

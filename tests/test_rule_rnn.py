@@ -237,6 +237,7 @@ def _tokens(rng, batch):
     return np.where(np.arange(8) < rng.integers(2, 9, (batch, 1)), tokens, 0)
 
 
+@pytest.mark.slow
 def test_recording_leaves_outputs_unchanged():
     # The time loop runs with `return_sequences` on while BNP records; the
     # model's outputs must be those of the plain layers.
@@ -255,6 +256,7 @@ def test_recording_leaves_outputs_unchanged():
     assert_allclose(outputs(True), outputs(False), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_text_classifier_fits_and_saves_statistics(tmp_path):
     model = _text_classifier()
     model.compile(optimizer=keras_bnp.BNP(1e-3, momentum=0.9),
@@ -285,6 +287,7 @@ def test_text_classifier_fits_and_saves_statistics(tmp_path):
     assert int(restored.optimizer.iterations) == 4
 
 
+@pytest.mark.slow
 def test_other_cells_are_left_to_the_inner_optimizer():
     # Stacked cells: no rule (their kernels' layout is not one cell's).
     layer = L.RNN([L.LSTMCell(3), L.GRUCell(2)])

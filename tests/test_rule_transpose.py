@@ -125,6 +125,7 @@ class VAE(keras_bnp.BNPMixin, keras.Model):
         return keras.ops.mean(reconstruction + kl)
 
 
+@pytest.mark.slow
 def test_vae_trains_with_every_kernel_preconditioned():
     # The keras-io VAE pattern: a custom train_step inside BNP's capture;
     # every kernel has a rule, and the decoder's transposed convolutions

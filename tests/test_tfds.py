@@ -17,6 +17,9 @@ import tensorflow_datasets as tfds
 from keras_bnp import benchmark
 from keras_bnp import data
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 # The benchmark holds out 1000 training images for validation.
 EXAMPLES = 1040
 

@@ -9,6 +9,9 @@ import pytest
 from keras_bnp import benchmark
 from keras_bnp import zoo
 
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
