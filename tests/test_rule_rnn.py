@@ -51,6 +51,35 @@ CASES = {
 }
 
 
+# The reference runs' settings: a large learning rate and a small damping,
+# so that the preconditioning shows in every weight.
+LEARNING_RATE, MOMENTUM, EPSILON, BETA = 0.01, 0.9, 0.05, 0.9
+
+
+def _optimizer_and_step(model):
+    """A BNP with the reference settings, built and tracking `model`
+    outside the step (a step that creates no variables is traced once),
+    and a compiled custom step: the loss `sum(outputs * cotangent)`,
+    preconditioned and applied; it returns the outputs and the ordinary
+    gradients."""
+    optimizer = keras_bnp.BNP(LEARNING_RATE, momentum=MOMENTUM,
+                              epsilon=EPSILON, statistics_momentum=BETA)
+    optimizer.build(model.trainable_variables)
+    optimizer.track(model)
+
+    @tf.function(autograph=False)
+    def step(inputs, cotangent):
+        with optimizer.capture(model):
+            with tf.GradientTape() as tape:
+                outputs = model(inputs, training=True)
+                loss = tf.reduce_sum(outputs * cotangent)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return outputs, grads
+
+    return optimizer, step
+
+
 def _kind(layer):
     cell = layer.cell
     if isinstance(cell, L.LSTMCell):
@@ -115,23 +144,9 @@ def test_many_steps_match_numpy_reference(name):
     model = keras.Model(inputs, outputs)
     recurrent_layers = ([layer.forward_layer, layer.backward_layer]
                         if isinstance(layer, L.Bidirectional) else [layer])
-    learning_rate, momentum, epsilon, beta = 0.01, 0.9, 0.05, 0.9
-    optimizer = keras_bnp.BNP(learning_rate, momentum=momentum,
-                              epsilon=epsilon, statistics_momentum=beta)
-
-    # Built outside: a step that creates no variables is traced once.
-    optimizer.build(model.trainable_variables)
-    optimizer.track(model)
-
-    @tf.function(autograph=False)
-    def step(inputs, cotangent):
-        with optimizer.capture(model):
-            with tf.GradientTape() as tape:
-                outputs = model(inputs, training=True)
-                loss = tf.reduce_sum(outputs * cotangent)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return outputs, grads
+    learning_rate, momentum, epsilon, beta = (LEARNING_RATE, MOMENTUM,
+                                              EPSILON, BETA)
+    optimizer, step = _optimizer_and_step(model)
 
     rng = np.random.default_rng(0)
     position = {id(v): i for i, v in enumerate(model.trainable_variables)}
@@ -341,21 +356,9 @@ def test_conv_lstm_matches_numpy_reference(layer_class, space):
     layer = layer_class(3, 3, padding="same", return_sequences=True,
                         bias_initializer="ones")
     model = keras.Sequential([keras.Input((STEPS, *space, FEATURES)), layer])
-    learning_rate, momentum, epsilon, beta = 0.01, 0.9, 0.05, 0.9
-    optimizer = keras_bnp.BNP(learning_rate, momentum=momentum,
-                              epsilon=epsilon, statistics_momentum=beta)
-    optimizer.build(model.trainable_variables)
-    optimizer.track(model)
-
-    @tf.function(autograph=False)
-    def step(inputs, cotangent):
-        with optimizer.capture(model):
-            with tf.GradientTape() as tape:
-                outputs = model(inputs, training=True)
-                loss = tf.reduce_sum(outputs * cotangent)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return outputs, grads
+    learning_rate, momentum, epsilon, beta = (LEARNING_RATE, MOMENTUM,
+                                              EPSILON, BETA)
+    optimizer, step = _optimizer_and_step(model)
 
     rng = np.random.default_rng(0)
     weights = [w.numpy().astype("float64") for w in layer.trainable_weights]
