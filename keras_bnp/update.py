@@ -53,20 +53,22 @@ def precondition_and_apply(bnp, blocks, slots, step_inputs, grads,
     sums = [(_static(count), *rest) for count, *rest in sums]
 
     # Keras' loss adds the layers' regularization penalties (divided by
-    # the number of replicas): their gradients go around the
-    # preconditioning, so that a penalty's strength does not depend on
-    # the units of the layer's inputs.
+    # the number of replicas, times the inner optimizer's
+    # `loss_scale_factor`): their gradients go around the preconditioning,
+    # so that a penalty's strength does not depend on the units of the
+    # layer's inputs.
     penalized = sorted({
         i for block_indices in indices for i in block_indices
         if i is not None and grads[i] is not None and getattr(
             trainable_variables[i], "regularizer", None) is not None
     }) if regularized else []
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    penalty_scale = (bnp.inner_optimizer.loss_scale_factor or 1.0) / (
+        tf.distribute.get_strategy().num_replicas_in_sync)
 
     def update(sums, shifts, grads):
         grads = list(grads)  # tf.function forbids changing its argument
         penalties = {i: _penalty_gradient(trainable_variables[i])
-                     / replicas for i in penalized}
+                     * penalty_scale for i in penalized}
         for i, penalty in penalties.items():
             grads[i] = grads[i] - penalty
         skipped = []

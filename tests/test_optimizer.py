@@ -373,8 +373,10 @@ def test_learning_rate_set_later_is_checked():
     keras_bnp.BNP(inner_optimizer=keras.optimizers.SGD(schedule))
 
 
+@pytest.mark.parametrize("loss_scale_factor", [None, 64.0])
 @pytest.mark.parametrize("input_scale", [1e-3, 1.0, 1e3])
-def test_regularization_penalty_is_not_preconditioned(input_scale):
+def test_regularization_penalty_is_not_preconditioned(input_scale,
+                                                      loss_scale_factor):
     # A loss of the penalties alone: whatever the units of the inputs, the
     # kernel and bias decay as SGD decays them, w - lr * 2 * l2 * w.
     rng = np.random.default_rng(0)
@@ -385,9 +387,11 @@ def test_regularization_penalty_is_not_preconditioned(input_scale):
         bias_regularizer=keras.regularizers.L2(0.02),
         bias_initializer="ones")])
     before = [w.numpy() for w in model.weights]
-    model.compile(optimizer=keras_bnp.BNP(0.1, momentum=0.0,
-                                          initial_scaling=False),
-                  loss=lambda y, p: 0.0 * keras.ops.mean(p, axis=-1))
+    model.compile(optimizer=keras_bnp.BNP(
+        inner_optimizer=keras.optimizers.SGD(
+            0.1, loss_scale_factor=loss_scale_factor),
+        initial_scaling=False),
+        loss=lambda y, p: 0.0 * keras.ops.mean(p, axis=-1))
     model.fit(x, np.zeros(16), batch_size=16, verbose=0)
     for weight, l2, start in zip(model.weights, (0.05, 0.02), before):
         assert_allclose(weight, start * (1 - 0.1 * 2 * l2), rtol=1e-6)
