@@ -2,14 +2,17 @@
 
 import email
 import hashlib
+import json
 import pathlib
 import re
+import runpy
 import subprocess
 import sys
 import tarfile
 import zipfile
 
 import pytest
+import setuptools
 from helpers import repository_url
 
 import keras_bnp
@@ -74,3 +77,38 @@ def test_sdist_holds_licenses_notebooks_and_docs(dist):
     targets = re.findall(r"\]\(([^)]+)\)", description)
     assert f"{repository_url()}/blob/main/docs/defaults.md" in targets
     assert all(t.startswith("https://") for t in targets)
+
+
+def _setup_arguments(monkeypatch):
+    """The keyword arguments setup.py passes to `setuptools.setup`."""
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", captured.update)
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"))
+    return captured
+
+
+def test_notebooks_install_what_they_import(monkeypatch):
+    # Outside Colab, a notebook's install cell installs keras_bnp with an
+    # extra; every third-party module its cells import must come with
+    # keras_bnp or that extra, and the cell must run when one is missing.
+    arguments = _setup_arguments(monkeypatch)
+    base = {re.split(r"[<>=;\[ ]", r)[0].lower()
+            for r in arguments["install_requires"]}
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = ["".join(cell["source"]) for cell in
+                 json.loads(path.read_text())["cells"]
+                 if cell["cell_type"] == "code"]
+        install = next(cell for cell in cells if "%pip install" in cell)
+        extra = re.search(r'\{PACKAGE\}\[(\w+)\]', install).group(1)
+        provided = base | {
+            re.split(r"[<>=;\[ ]", r)[0].lower().replace("-", "_")
+            for r in arguments["extras_require"][extra]}
+        imported = {name for cell in cells for name in re.findall(
+            r"^(?:import|from) (\w+)", cell, re.M)}
+        third_party = imported - set(sys.stdlib_module_names) - {
+            "keras_bnp", "keras"}
+        assert third_party <= provided, (path.name, third_party - provided)
+        # The extra's modules: those keras_bnp does not install.
+        for module in (third_party - base) | {"keras_bnp"}:
+            assert f'"{module}"' in install, (path.name, module)
