@@ -303,13 +303,14 @@ class BNP(StatisticsState, keras.optimizers.Optimizer):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         grads = list(grads)
-        # The layers this BNP trains (not those of a second optimizer).
+        # The blocks this BNP trains (not those of a second optimizer).
+        owned = {layer: [block for block in rules.blocks(layer)
+                         if variable_key(block.kernel) in self._slots]
+                 for layer in step_inputs}
         step_inputs = {layer: inputs for layer, inputs in step_inputs.items()
-                       if any(variable_key(block.kernel) in self._slots
-                              for block in rules.blocks(layer))}
+                       if owned[layer]}
         called = called_layers(step_inputs, dict(self._step_nested))
-        blocks = [block for layer in called for block in rules.blocks(layer)
-                  if variable_key(block.kernel) in self._slots]
+        blocks = [block for layer in called for block in owned[layer]]
         if not blocks:
             self.inner_optimizer.apply(grads, trainable_variables)
             return

@@ -171,35 +171,34 @@ def _weight(inputs, channel_axis, mask, weights):
     """
     dtype = inputs.dtype
     rank = inputs.shape.rank
-    shape = tf.shape(inputs)
-    positions = [axis for axis in range(rank) if axis != channel_axis]
-    position_shape = tf.gather(shape, positions)
     weight = None
     if mask is not None and mask.shape.rank == rank - 1:
         weight = tf.cast(mask, dtype)
-    if weights is not None and channel_axis != 0:
-        weights = tf.cast(weights, dtype)
-        static = inputs.shape
-        leading = [static[axis] for axis in positions]
-        if (weights.shape.rank > len(positions)
-                or not all(a is None or b is None or a == b for a, b in zip(
-                    weights.shape, leading))):
-            weights = _per_example(weights)
-        if (weights.shape[0] is not None and static[0] is not None
-                and weights.shape[0] != static[0]):
-            weights = None  # another batch axis
-        else:
-            ones = tf.ones(tf.concat([shape[:1], tf.shape(weights)[1:]], 0),
-                           dtype)
-            weights = tf.cond(tf.equal(tf.shape(weights)[0], shape[0]),
-                              lambda: weights, lambda: ones)
-            weights = tf.reshape(weights, tf.concat([
-                tf.shape(weights),
-                tf.ones([len(positions) - weights.shape.rank], tf.int32)],
-                0))
-            weights = tf.broadcast_to(weights, position_shape)
-            weight = weights if weight is None else weight * weights
-    return weight
+    if weights is None or channel_axis == 0:
+        return weight
+    static = inputs.shape
+    positions = [axis for axis in range(rank) if axis != channel_axis]
+    weights = tf.cast(weights, dtype)
+    if (weights.shape.rank > len(positions)
+            or not all(a is None or b is None or a == b for a, b in zip(
+                weights.shape, [static[axis] for axis in positions]))):
+        weights = _per_example(weights)
+    batch, weights_batch = static[0], weights.shape[0]
+    if batch is not None and weights_batch is not None:
+        if batch != weights_batch:
+            return weight  # another batch axis
+    else:  # known only when run
+        shape = tf.shape(inputs)
+        ones = tf.ones(tf.concat([shape[:1], tf.shape(weights)[1:]], 0),
+                       dtype)
+        weights = tf.cond(tf.equal(tf.shape(weights)[0], shape[0]),
+                          lambda: weights, lambda: ones)
+    weights = tf.reshape(weights, tf.concat([
+        tf.shape(weights),
+        tf.ones([len(positions) - weights.shape.rank], tf.int32)], 0))
+    weights = tf.broadcast_to(
+        weights, tf.gather(tf.shape(inputs), positions))
+    return weights if weight is None else weight * weights
 
 
 def _sparse_sums(inputs, channel_axis, shift, weights):
