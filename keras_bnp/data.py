@@ -60,8 +60,10 @@ def _tfds_arrays(name):
         import tensorflow_datasets as tfds
     except ImportError:
         raise ImportError(
-            "Loading through tensorflow_datasets needs it installed: "
-            "`pip install keras-bnp[data]`."
+            "Loading through tensorflow_datasets needs "
+            "`tensorflow_datasets`. Install it with "
+            '`pip install "keras-bnp[data]"` (or, in a clone, '
+            '`pip install -e ".[data]"`).'
         ) from None
     host = DOWNLOAD_HOSTS[name]
     # Offline, tfds would retry its download for minutes: it may then only

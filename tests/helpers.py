@@ -59,6 +59,37 @@ def shifted_inputs(rng, shape, channel_axis=-1):
     return (rng.normal(size=shape) * scale + offset).astype("float32")
 
 
+def channel_offset_inputs(rng, shape, channels_first=False):
+    """Channels with offsets from -5 to 5 and standard deviations from 0.3
+    to 10."""
+    axis = 1 if channels_first else -1
+    broadcast = [1] * len(shape)
+    broadcast[axis] = shape[axis]
+    scale = 10.0 ** rng.uniform(-0.5, 1.0, shape[axis])
+    offset = rng.uniform(-5.0, 5.0, shape[axis])
+    return (rng.normal(size=shape) * scale.reshape(broadcast)
+            + offset.reshape(broadcast)).astype("float32")
+
+
+def entrywise_inputs(rng, shape):
+    """Each entry of an example its own offset (far from 0) and scale
+    (from 0.01 to 10)."""
+    offset = rng.choice([-1.0, 1.0], shape[1:]) * rng.uniform(
+        2.0, 20.0, shape[1:])
+    scale = 10.0 ** rng.uniform(-2.0, 1.0, shape[1:])
+    return (rng.normal(size=shape) * scale + offset).astype("float32")
+
+
+def depthwise_of(layer, x, kernel):
+    """The NumPy depthwise convolution of `x` with `layer`'s settings (a
+    depthwise or separable convolution) and `kernel`."""
+    from keras_bnp import _reference
+
+    return _reference.depthwise_conv(
+        x, kernel, layer.strides, layer.padding, layer.dilation_rate,
+        layer.data_format == "channels_first")
+
+
 def _kernel_error(step, errors):
     """TensorFlow's message if `step()` (a forward and backward pass)
     raises one of `errors` for want of a CPU kernel, else `None`."""

@@ -1,4 +1,4 @@
-"""`python -m keras_bnp.benchmark` in a tiny configuration."""
+"""`python -m benchmarks.benchmark` in a tiny configuration."""
 
 import json
 import os
@@ -8,15 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from keras_bnp import benchmark
+from benchmarks import benchmark
+from benchmarks import experiment
 from keras_bnp import data
-from keras_bnp import experiment
 
 # End-to-end runs of the tools: in the full tier only.
 pytestmark = pytest.mark.slow
 
 COMMAND = [
-    sys.executable, "-m", "keras_bnp.benchmark", "--methods", "bnp",
+    sys.executable, "-m", "benchmarks.benchmark", "--methods", "bnp",
     "batchnorm", "--batch-sizes", "4", "32", "--seeds", "0",
     "--train-size", "200", "--epochs", "2", "--timing-rounds", "1",
     "--timing-batch-sizes", "16",

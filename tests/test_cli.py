@@ -1,22 +1,21 @@
-"""The command-line tools: `--help` before TensorFlow, defaults in the help,
-and missing optional dependencies reported before any work starts."""
+"""The command-line tools: `--help` before TensorFlow (the measurement tools
+in `benchmarks/`), defaults in the help, and missing optional dependencies
+reported before any work starts."""
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
+from helpers import subprocess_env
 
-from keras_bnp import benchmark
+from benchmarks import benchmark
+from benchmarks import experiment
 from keras_bnp import demo
-from keras_bnp import experiment
 
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # command: strings its --help must show (defaults, the extra it needs).
 HELP = {
     "coverage": ["--models", "--brief", "vgg16 resnet50"],
-    "demo": ["--batch-sizes", "(default: 32 2)", "(default: bundled)"],
     "experiment": [
         "(default: 0.001 0.003 0.01 0.03 0.1)", "(default: BNP's own)",
         # The example's line continuation, as typed.
@@ -34,15 +33,16 @@ HELP = {
 @pytest.mark.parametrize("command", sorted(HELP))
 def test_help_shows_defaults_without_importing_tensorflow(command):
     run = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", f"keras_bnp.{command}",
+        [sys.executable, "-X", "importtime", "-m", f"benchmarks.{command}",
          "--help"],
         check=True, capture_output=True, text=True, timeout=120,
-        env=dict(ENV, COLUMNS="200"))  # one line per option
+        env=subprocess_env(COLUMNS="200"))  # one line per option
     # -X importtime lists every module imported, one per line.
     imported = set(re.findall(r"^import time:.*\|\s*(\S+)$", run.stderr,
                               re.M))
-    assert "keras_bnp._cli" in imported
-    assert not {m.split(".")[0] for m in imported} & {"tensorflow", "keras"}
+    assert "benchmarks._cli" in imported
+    assert not {m.split(".")[0] for m in imported} & {
+        "tensorflow", "keras", "keras_bnp"}
     for text in HELP[command]:
         assert text in run.stdout
 
@@ -51,16 +51,13 @@ def test_help_shows_defaults_without_importing_tensorflow(command):
     "main, argv, missing, extra",
     [(benchmark.main, [], "matplotlib", "benchmark"),
      (benchmark.main, ["--data", "tfds"], "tensorflow_datasets", "data"),
-     (experiment.main, ["--source", "tfds"], "tensorflow_datasets", "data"),
-     (demo.main, ["--source", "tfds"], "tensorflow_datasets", "data")],
-    ids=["benchmark", "benchmark-tfds", "experiment-tfds", "demo-tfds"])
+     (experiment.main, ["--source", "tfds"], "tensorflow_datasets", "data")],
+    ids=["benchmark", "benchmark-tfds", "experiment-tfds"])
 def test_missing_extra_stops_before_any_run(main, argv, missing, extra,
                                             tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
     out = tmp_path / "out"
-    if main is demo.main:
-        options = ["--epochs", "1"]
-    elif main is experiment.main:
+    if main is experiment.main:
         options = ["--out", str(out)]
     else:
         options = ["--out-dir", str(out)]
@@ -71,3 +68,23 @@ def test_missing_extra_stops_before_any_run(main, argv, missing, extra,
     assert f'`pip install "keras-bnp[{extra}]"`' in message
     assert f'`pip install -e ".[{extra}]"`' in message
     assert not (out / "results.json").exists() and not out.is_file()
+
+
+def test_demo_help_and_missing_extra(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in ("--batch-sizes", "(default: 32 2)", "(default: bundled)"):
+        assert text in shown
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--source", "tfds"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr()
+    assert not error.out  # no table started
+    message = " ".join(error.err.split())
+    assert "--source tfds: Loading through tensorflow_datasets needs " \
+        "`tensorflow_datasets`." in message
+    assert '`pip install "keras-bnp[data]"`' in message
+    assert '`pip install -e ".[data]"`' in message

@@ -12,6 +12,7 @@ import pytest
 from helpers import subprocess_env
 
 import keras_bnp
+from benchmarks import coverage as coverage_models
 from keras_bnp import coverage
 from keras_bnp import rules
 
@@ -190,10 +191,10 @@ def test_coverage_of_something_else_names_the_fix():
 @pytest.mark.slow
 def test_command_prints_a_small_model():
     run = subprocess.run(
-        [sys.executable, "-m", "keras_bnp.coverage", "--models", "vae",
+        [sys.executable, "-m", "benchmarks.coverage", "--models", "vae",
          "--brief"], check=True, capture_output=True, text=True,
         timeout=300, env=subprocess_env())
-    model = coverage.vae()
+    model = coverage_models.vae()
     trainable = sum(math.prod(v.shape) for v in model.trainable_variables)
     assert trainable == 134_165  # keras-io's VAE
     # Its Dense (59,668) and Conv2D (18,816) parameters, and its

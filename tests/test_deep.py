@@ -11,8 +11,8 @@ from helpers import assert_allclose
 from helpers import logits_loss
 
 import keras_bnp
+from benchmarks import experiment
 from keras_bnp import _reference
-from keras_bnp import experiment
 from keras_bnp import registry
 from keras_bnp.data import load_mnist
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_bnp import experiment
+from benchmarks import experiment
 
 # End-to-end runs of the tools: in the full tier only.
 pytestmark = pytest.mark.slow

@@ -43,8 +43,8 @@ def train(name):
     """Three steps of BNP at its defaults (initial scaling included) on the
     first 96 bundled training digits, batch size 32, seed 0: the model's
     weights, then the optimizer's variables."""
+    from benchmarks import experiment
     from keras_bnp import data
-    from keras_bnp import experiment
 
     task, hidden, learning_rate = CASES[name]
     keras.utils.set_random_seed(0)

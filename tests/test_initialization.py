@@ -10,8 +10,8 @@ import tensorflow as tf
 from helpers import assert_allclose
 
 import keras_bnp
+from benchmarks import zoo
 from keras_bnp import initialization
-from keras_bnp import zoo
 
 
 def _planned(model):

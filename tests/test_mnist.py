@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from keras_bnp import experiment
+from benchmarks import experiment
 
 # End-to-end runs of the tools: in the full tier only.
 pytestmark = pytest.mark.slow

@@ -2,86 +2,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import REFERENCE_BETA
-from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
 from helpers import assert_statistics_match
-from helpers import check_reference_steps
 from helpers import custom_step
 from helpers import logits_loss
 from helpers import mlp
 from helpers import shifted_inputs
-from helpers import skip_without_channels_first_conv2d
 
 import keras_bnp
 from keras_bnp import _reference
-
-# name: (layer factory, input shape without batch, channel axis)
-LAYERS = {
-    "dense": (lambda: keras.layers.Dense(3), (5,), -1),
-    "dense_no_bias": (lambda: keras.layers.Dense(3, use_bias=False), (5,), -1),
-    "dense_3d_input": (lambda: keras.layers.Dense(2), (4, 3), -1),
-    "conv1d": (lambda: keras.layers.Conv1D(3, 2), (6, 2), -1),
-    "conv2d": (lambda: keras.layers.Conv2D(2, 3), (5, 5, 3), -1),
-    "conv2d_same_no_bias": (
-        lambda: keras.layers.Conv2D(2, 3, padding="same", use_bias=False),
-        (4, 4, 2), -1,
-    ),
-    "conv2d_channels_first": (
-        lambda: keras.layers.Conv2D(2, 2, data_format="channels_first"),
-        (3, 4, 4), 1,
-    ),
-    "conv2d_groups": (lambda: keras.layers.Conv2D(4, 2, groups=2),
-                      (4, 4, 4), -1),
-    "conv1d_dilated_strided": (
-        lambda: keras.layers.Conv1D(2, 2, dilation_rate=2), (7, 3), -1),
-    "conv2d_strided_same": (
-        lambda: keras.layers.Conv2D(3, 3, strides=2, padding="same"),
-        (5, 5, 2), -1),
-    "conv3d": (lambda: keras.layers.Conv3D(2, 2), (3, 3, 3, 2), -1),
-    # Channels first where TensorFlow's CPU kernels lack channels-first
-    # Conv2D (oneDNN off).
-    "conv3d_channels_first": (
-        lambda: keras.layers.Conv3D(2, 2, data_format="channels_first"),
-        (3, 2, 4, 5), 1,
-    ),
-    "conv3d_channels_first_no_bias": (
-        lambda: keras.layers.Conv3D(
-            2, 2, data_format="channels_first", use_bias=False),
-        (2, 3, 3, 3), 1,
-    ),
-}
-
-
-# Above 5 s each on 2 cores: in the full tier only.
-SLOW_LAYERS = ("conv2d_groups", "conv3d_channels_first",
-               "conv3d_channels_first_no_bias")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYERS
-    else name for name in sorted(LAYERS)])
-def test_many_steps_match_numpy_reference(name):
-    factory, input_shape, channel_axis = LAYERS[name]
-    layer = factory()
-    if channel_axis == 1 and isinstance(layer, keras.layers.Conv2D):
-        skip_without_channels_first_conv2d()
-    stats = _reference.RawMomentStatistics(
-        (None, *input_shape)[channel_axis], REFERENCE_BETA)
-
-    def reference(optimizer, x, grads, _):
-        stats.update([x], channel_axis)
-        assert_statistics_match(optimizer, layer, stats)
-        return _reference.precondition(
-            grads[0], grads[1] if layer.use_bias else None,
-            stats.mean, stats.variance,
-            _reference.damping(stats.mean, stats.variance, REFERENCE_EPSILON),
-            getattr(layer, "groups", 1))
-
-    check_reference_steps(
-        layer, input_shape,
-        lambda rng, shape: shifted_inputs(rng, shape, channel_axis),
-        reference)
 
 
 def test_shared_layer_pools_all_calls():

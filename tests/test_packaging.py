@@ -54,7 +54,8 @@ def test_wheel_holds_both_licenses_and_the_data_but_no_tests(dist):
     assert "Yann LeCun, Corinna Cortes and Christopher J.C. Burges" in words
     # The data file is the one its README describes.
     assert hashlib.sha256(sample).hexdigest() in readme
-    assert not [n for n in names if n.startswith("tests/")]
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+    assert "keras_bnp/demo.py" in names  # the README's first command
     assert metadata["Version"] == keras_bnp.__version__
     assert metadata["License-Expression"] == "Apache-2.0 AND CC-BY-SA-3.0"
     assert metadata["Requires-Python"] == ">=3.11"

@@ -1,74 +1,23 @@
-"""`EinsumDense` and `MultiHeadAttention`: BNP against the NumPy reference
-(`_reference.einsum_features`, `_reference.einsum_precondition`, written
-from the einsum definitions)."""
+"""`EinsumDense` and `MultiHeadAttention`: bias layouts, masks, attention's
+projections in `fit`, saving. EinsumDense's many-step reference tests are
+rows of `test_reference.py`."""
 
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import REFERENCE_BETA
-from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
 from helpers import assert_statistics_match
-from helpers import check_reference_steps
 from helpers import custom_step
+from helpers import entrywise_inputs
+from test_reference import ROWS
 
 import keras_bnp
 from keras_bnp import _reference
 from keras_bnp import coverage
 from keras_bnp import initialization
 from keras_bnp import rules
-
-# name: (equation, input shape without batch, output_shape, bias_axes)
-EQUATIONS = {
-    "dense": ("ab,bc->ac", (5,), 3, "c"),
-    "sequence": ("abc,cd->abd", (4, 5), (4, 3), "d"),
-    "attention_projection": ("abc,cde->abde", (4, 6), (4, 2, 3), "de"),
-    "attention_output": ("abcd,cde->abe", (4, 2, 3), (4, 5), "e"),
-    "left_ellipsis": ("...b,bc->...c", (3, 2, 5), 3, "c"),
-    "right_ellipsis": ("ab...,bc->ac...", (4, 3), (3, 3), "c"),
-    "partial_bias": ("abc,cde->abde", (4, 6), (4, 2, 3), "e"),
-    "no_bias": ("abc,cde->abde", (4, 6), (4, 2, 3), None),
-    # The input's contracted axes in another order than the kernel's.
-    "contracted_reordered": ("abcd,dce->abe", (4, 2, 3), (4, 5), "e"),
-    # The bias' axes in another order than the kernel's.
-    "units_reordered": ("abc,ced->abde", (4, 6), (4, 2, 3), "de"),
-    # An input axis in neither kernel nor output: the einsum sums it.
-    "summed_axis": ("abc,cd->ad", (4, 5), 3, "d"),
-}
-
-
-def realistic_inputs(rng, shape):
-    """Each entry of an example its own offset (far from 0) and scale
-    (from 0.01 to 10)."""
-    offset = rng.choice([-1.0, 1.0], shape[1:]) * rng.uniform(
-        2.0, 20.0, shape[1:])
-    scale = 10.0 ** rng.uniform(-2.0, 1.0, shape[1:])
-    return (rng.normal(size=shape) * scale + offset).astype("float32")
-
-
-@pytest.mark.parametrize("name", sorted(EQUATIONS))
-def test_many_steps_match_numpy_reference(name):
-    equation, input_shape, output_shape, bias_axes = EQUATIONS[name]
-    layer = keras.layers.EinsumDense(equation, output_shape,
-                                     bias_axes=bias_axes)
-    stats = []
-
-    def reference(optimizer, x, grads, _):
-        features = _reference.einsum_features(x, equation)
-        if not stats:
-            stats.append(_reference.RawMomentStatistics(features.shape[1],
-                                                        REFERENCE_BETA))
-        stats[0].update([features], -1)
-        assert_statistics_match(optimizer, layer, stats[0])
-        return _reference.einsum_precondition(
-            grads[0], grads[1] if bias_axes else None, equation, bias_axes,
-            stats[0].mean, stats[0].variance,
-            _reference.damping(stats[0].mean, stats[0].variance,
-                               REFERENCE_EPSILON))
-
-    check_reference_steps(layer, input_shape, realistic_inputs, reference)
 
 
 def test_bias_layout_follows_the_kernels_units():
@@ -89,44 +38,13 @@ def test_bias_layout_follows_the_kernels_units():
     assert_allclose(back[1], bias)
 
 
-@pytest.mark.parametrize("equation, input_shape, output_shape, bias_axes", [
-    # A grouped Dense: 3 groups of 4 features to 2 units each.
-    ("bgi,gio->bgo", (3, 4), (3, 2), "go"),
-    # A kernel per position 'b' (of 4), no bias to centre into.
-    ("abc,bcd->abd", (4, 5), (4, 3), None),
-])
-def test_grouped_kernel_is_one_dense_layer_per_group(
-        equation, input_shape, output_shape, bias_axes):
-    # Each index of the axis in the input, the kernel and the output is a
-    # Dense layer of its own: NumPy preconditions each group's kernel with
-    # its features' statistics, the damping of the whole layer's.
-    layer = keras.layers.EinsumDense(equation, output_shape,
-                                     bias_axes=bias_axes)
-    groups, fan_in = input_shape
-    stats = []
-
-    def reference(optimizer, x, grads, _):
-        features = x.reshape(len(x), groups * fan_in)
-        if not stats:
-            stats.append(_reference.RawMomentStatistics(groups * fan_in,
-                                                        REFERENCE_BETA))
-        stats[0].update([features], -1)
-        assert_statistics_match(optimizer, layer, stats[0])
-        mean, variance = stats[0].mean, stats[0].variance
-        damping = _reference.damping(mean, variance, REFERENCE_EPSILON)
-        kernels, biases = [], []
-        for g in range(groups):
-            part = slice(g * fan_in, (g + 1) * fan_in)
-            kernel, bias = _reference.precondition(
-                grads[0][g], grads[1][g] if bias_axes else None,
-                mean[part], variance[part], damping)
-            kernels.append(kernel)
-            biases.append(bias)
-        return np.stack(kernels), np.stack(biases) if bias_axes else None
-
-    check_reference_steps(layer, input_shape, realistic_inputs, reference)
-    assert coverage.coverage(keras.Sequential([
-        keras.Input(input_shape), layer])).kernel_parameters.fraction == 1.0
+@pytest.mark.parametrize("name", ["einsum_grouped",
+                                  "einsum_kernel_per_position"])
+def test_grouped_kernels_are_covered(name):
+    # Their reference steps: rows of `test_reference.py`.
+    factory, input_shape, _, _ = ROWS[name]
+    model = keras.Sequential([keras.Input(input_shape), factory()])
+    assert coverage.coverage(model).kernel_parameters.fraction == 1.0
 
 
 # Keras warns that EinsumDense does not pass the mask on; it still gets it.
@@ -186,7 +104,7 @@ def test_masked_merged_features_keep_the_mask():
     layer = keras.layers.EinsumDense("abcd,dce->abe", (4, 5), bias_axes="e")
     layer.build((None, 4, 2, 3))
     block, = rules.blocks(layer)
-    x = realistic_inputs(np.random.default_rng(0), (2, 4, 2, 3))
+    x = entrywise_inputs(np.random.default_rng(0), (2, 4, 2, 3))
     inputs = tf.constant(x)
     mask = tf.constant([[True, True, False, False], [True] * 4])
     inputs._keras_mask = mask
@@ -242,7 +160,7 @@ def test_attention_projections_statistics_in_fit(jit_compile):
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True), jit_compile=jit_compile)
     rng = np.random.default_rng(0)
-    x = realistic_inputs(rng, (batch * steps, length, dim))
+    x = entrywise_inputs(rng, (batch * steps, length, dim))
     y = rng.integers(0, 3, batch * steps)
     projections = {name: getattr(attention, f"_{name}_dense")
                    for name in ("query", "key", "value", "output")}
@@ -271,7 +189,7 @@ def test_initial_scaling_stops_at_attention():
     model = keras_bnp.BNPModel(
         inputs, keras.layers.Dense(8)(attention(hidden, hidden)))
     assert initialization.plan(model).layers == ()
-    x = realistic_inputs(np.random.default_rng(0), (16, 5, 8))
+    x = entrywise_inputs(np.random.default_rng(0), (16, 5, 8))
     with pytest.raises(ValueError, match=(
             "found no layer to scale in model .*: no layer is linear with "
             "only known operations around it")):
@@ -293,7 +211,7 @@ def test_attention_statistics_survive_saving(tmp_path):
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
     rng = np.random.default_rng(0)
-    x = realistic_inputs(rng, (16, 5, 8))
+    x = entrywise_inputs(rng, (16, 5, 8))
     y = rng.integers(0, 3, 16)
     model.fit(x, y, batch_size=4, verbose=0)
     model.save(tmp_path / "model.keras")

@@ -1,67 +1,18 @@
-"""The rule for transposed convolutions (`rules.ConvTransposeRule`)."""
+"""The rule for transposed convolutions (`rules.ConvTransposeRule`): its
+premise, and a VAE. Its many-step reference tests are rows of
+`test_reference.py`."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import REFERENCE_BETA
-from helpers import REFERENCE_EPSILON
 from helpers import assert_allclose
-from helpers import assert_statistics_match
-from helpers import check_reference_steps
-from helpers import shifted_inputs
-from helpers import skip_unless_tensorflow_runs
 
 import keras_bnp
-from keras_bnp import _reference
-from keras_bnp import coverage
+from benchmarks import coverage as coverage_models
 from keras_bnp import rules
 
-T1, T2, T3 = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-              keras.layers.Conv3DTranspose)
-# name: (layer factory, input shape without batch, channel axis)
-LAYERS = {
-    "1d_valid": (lambda: T1(3, 3), (5, 2), -1),
-    "1d_dilated_same_no_bias": (
-        lambda: T1(2, 3, dilation_rate=2, padding="same", use_bias=False),
-        (6, 3), -1),
-    "2d_strided_same": (lambda: T2(3, 3, strides=2, padding="same"),
-                        (3, 4, 2), -1),
-    "2d_strided_output_padding_no_bias": (
-        lambda: T2(2, 3, strides=2, output_padding=1, use_bias=False),
-        (3, 3, 3), -1),
-    "2d_channels_first": (
-        lambda: T2(2, 2, strides=2, data_format="channels_first"),
-        (3, 3, 4), 1),
-    "3d_valid": (lambda: T3(2, 2), (2, 3, 2, 2), -1),
-    "3d_strided_channels_first": (
-        lambda: T3(2, 2, strides=(1, 2, 2), padding="same",
-                   data_format="channels_first"),
-        (2, 2, 3, 2), 1),
-}
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_many_steps_match_numpy_reference(name):
-    factory, input_shape, channel_axis = LAYERS[name]
-    layer = factory()
-    skip_unless_tensorflow_runs(layer, input_shape)
-    stats = _reference.RawMomentStatistics(input_shape[channel_axis],
-                                           REFERENCE_BETA)
-
-    def reference(optimizer, x, grads, _):
-        stats.update([x], channel_axis)
-        assert_statistics_match(optimizer, layer, stats)
-        return _reference.precondition_transposed(
-            grads[0], grads[1] if layer.use_bias else None,
-            stats.mean, stats.variance,
-            _reference.damping(stats.mean, stats.variance, REFERENCE_EPSILON),
-            layer.strides)
-
-    check_reference_steps(
-        layer, input_shape,
-        lambda rng, shape: shifted_inputs(rng, shape, channel_axis),
-        reference)
+T1, T2 = keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose
 
 
 @pytest.mark.parametrize("kernel_size,padding", [(3, "valid"), (4, "same")])
@@ -95,12 +46,12 @@ def test_mean_term_is_constant_in_the_interior_only_at_stride_1(
 
 
 class VAE(keras_bnp.BNPMixin, keras.Model):
-    """The keras-io VAE (`coverage.vae`) with its custom `train_step`,
-    inside BNP's capture."""
+    """The keras-io VAE (`benchmarks.coverage.vae`) with its custom
+    `train_step`, inside BNP's capture."""
 
     def __init__(self, filters=(8, 16), **kwargs):
         super().__init__(**kwargs)
-        parts = coverage.vae(filters=filters)
+        parts = coverage_models.vae(filters=filters)
         self.encoder = parts.get_layer("encoder")
         self.decoder = parts.get_layer("decoder")
 

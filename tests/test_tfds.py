@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from keras_bnp import benchmark
+from benchmarks import benchmark
 from keras_bnp import data
 
 # End-to-end runs of the tools: in the full tier only.

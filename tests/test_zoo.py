@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from keras_bnp import benchmark
-from keras_bnp import zoo
+from benchmarks import benchmark
+from benchmarks import zoo
 
 # End-to-end runs of the tools: in the full tier only.
 pytestmark = pytest.mark.slow

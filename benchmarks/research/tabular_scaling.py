@@ -4,14 +4,14 @@ three standardized columns, a linear target, an MLP 4-32-32-1 trained with
 without the scaling. Prints the training loss per epoch and the
 validation MSE on 512 other rows.
 
-    python docs/benchmark/tabular_scaling.py
+    python -m benchmarks.research.tabular_scaling
 """
 
 import warnings
 
 import keras_bnp
-from keras_bnp.zoo import year_mlp
-from keras_bnp.zoo import year_table as table
+from benchmarks.zoo import year_mlp
+from benchmarks.zoo import year_table as table
 
 warnings.simplefilter("ignore")
 x, y = table(2048, 0)

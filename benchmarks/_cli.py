@@ -2,7 +2,8 @@
 optional dependencies before any work starts.
 
 Nothing here imports TensorFlow, so `--help` and usage errors answer at
-once; a command imports it (`keras_bnp._import_api`) after parsing.
+once; a command imports `keras_bnp` (and with it TensorFlow) after
+parsing.
 """
 
 import argparse

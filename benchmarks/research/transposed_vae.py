@@ -12,8 +12,8 @@ preconditions no layer at all (the inner optimizer alone). The
 learning rate of each is chosen by the validation loss (negative ELBO) at
 seed 0; the test loss is then given for each seed.
 
-    python docs/benchmark/transposed_vae.py
-    python docs/benchmark/transposed_vae.py --inner adam \
+    python -m benchmarks.research.transposed_vae
+    python -m benchmarks.research.transposed_vae --inner adam \
         --learning-rates 1e-3 3e-3 1e-2
 """
 

@@ -2,7 +2,7 @@
 jit-compiled function that adds to K scalar variables, called in a graph
 loop, against the same adds as plain TensorFlow ops.
 
-    python docs/benchmark/xla_launch.py
+    python -m benchmarks.research.xla_launch
 """
 
 import time

@@ -3,7 +3,7 @@ this machine: `reduce_sum(square(x))` (writes `x^2` out) against
 `square(reduce_euclidean_norm(x))` (one pass), each with the `sum(x)` that
 the input sums also take.
 
-    python docs/benchmark/sum_of_squares.py [ROWSxCHANNELS or NxHxWxC ...]
+    python -m benchmarks.research.sum_of_squares [ROWSxCHANNELS or NxHxWxC ...]
 
 Each is evaluated 50 times in a `tf.while_loop` per call (no Python call
 per evaluation); rounds interleave the two; medians in µs per evaluation.

@@ -8,7 +8,7 @@ Times, interleaved in one process, one forward and backward pass of a
 - `extra_depthwise`: the layer's own call, plus a second depthwise
   convolution for the depthwise output and its sums.
 
-    python docs/benchmark/separable_record_cost.py [--rounds 30]
+    python -m benchmarks.research.separable_record_cost [--rounds 30]
 """
 
 import argparse

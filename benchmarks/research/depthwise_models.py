@@ -1,9 +1,9 @@
 """Keras applications built on depthwise and separable convolutions: a
 short `fit` on a few fixed examples of noise, with BNP (its initial scaling
-on or off) or SGD. (`python -m keras_bnp.coverage` gives the shares of
+on or off) or SGD. (`python -m benchmarks.coverage` gives the shares of
 their kernels that BNP preconditions.)
 
-    python docs/benchmark/depthwise_models.py [--optimizer bnp]
+    python -m benchmarks.research.depthwise_models [--optimizer bnp]
 """
 
 import argparse

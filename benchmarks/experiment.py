@@ -1,17 +1,17 @@
 r"""Train a model on MNIST with BNP or a baseline, and sweep settings.
 
 One function, `run`, is the measuring instrument behind the demo, the
-defaults study (`docs/defaults.md`), the benchmark (`keras_bnp.benchmark`)
+defaults study (`docs/defaults.md`), the benchmark (`benchmarks.benchmark`)
 and the tests' MNIST checks. Its command line sweeps BNP against SGD:
 
-    python -m keras_bnp.experiment --batch-sizes 1 2 4 \
+    python -m benchmarks.experiment --batch-sizes 1 2 4 \
         --learning-rates 0.001 0.01 --out results.json
 
 Each finished run is appended to the JSON file, and runs already there are
 skipped, so an interrupted sweep resumes where it stopped. `--report` prints
 Markdown tables of a results file instead of training:
 
-    python -m keras_bnp.experiment --out results.json --report
+    python -m benchmarks.experiment --out results.json --report
 """
 
 import argparse
@@ -24,9 +24,7 @@ import time
 
 import numpy as np
 
-import keras_bnp
-from keras_bnp import _cli
-from keras_bnp import data
+from benchmarks import _cli
 
 # method: (optimizer family, normalization layer after each hidden layer)
 METHOD_SPECS = {
@@ -292,6 +290,7 @@ def run(
         `progress_points`) and
         `optimizer_state_floats` (the size of the optimizer's state).
     """
+    from keras_bnp import data
     from keras_bnp.optimizer import find_bnp
 
     dataset = dataset_for(task, source)
@@ -506,7 +505,7 @@ def _switch(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m keras_bnp.experiment", description=__doc__,
+        prog="python -m benchmarks.experiment", description=__doc__,
         formatter_class=_cli.HelpFormatter,
     )
     parser.add_argument("--tasks", nargs="+", default=["mlp"], choices=TASKS,
@@ -554,8 +553,9 @@ def main(argv=None):
         return
     if args.source == "tfds":
         _cli.require("tensorflow_datasets", "data", "--source tfds")
-    keras_bnp._import_api()
-    defaults = inspect.signature(keras_bnp.BNP).parameters
+    from keras_bnp import BNP
+
+    defaults = inspect.signature(BNP).parameters
     given = {"epsilon": args.epsilons,
              "statistics_momentum": args.statistics_momenta,
              "relative_epsilon": args.relative_epsilon,

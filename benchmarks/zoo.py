@@ -1,8 +1,8 @@
 """A zoo of client models, written as their users write them, to test
 BNP's defaults where users train.
 
-    python -m keras_bnp.benchmark --zoo --out-dir zoo_out
-    python -m keras_bnp.benchmark --zoo --models tabular siamese --epochs 3
+    python -m benchmarks.benchmark --zoo --out-dir zoo_out
+    python -m benchmarks.benchmark --zoo --models tabular siamese --epochs 3
 
 Each model (`MODELS`) is built as its source builds it (keras.applications
 with its own softmax head, keras-io patterns), wrapped as
@@ -26,9 +26,7 @@ import time
 
 import numpy as np
 
-import keras_bnp
-from keras_bnp import _cli
-from keras_bnp import data
+from benchmarks import _cli
 
 METHODS = ("bnp", "sgd", "adam", "bnp_unscaled")
 RATES = {"bnp": (0.003, 0.01, 0.03, 0.1), "sgd": (0.003, 0.01, 0.03, 0.1),
@@ -45,6 +43,8 @@ def _digits(train_size, seed, size=28, colour=False):
     tinted with a random colour per image for the RGB models (pixel values
     in [0, 255], as keras.applications expect)."""
     import tensorflow as tf
+
+    from keras_bnp import data
 
     (x, y), (x_test, y_test) = data.load_mnist()
     order = np.random.default_rng(seed).permutation(len(x) - 500)[:train_size]
@@ -205,6 +205,8 @@ def year_mlp(seed=0):
     """The MLP 4-32-32-1 that `docs/defaults.md` trains on `year_table`."""
     import keras
 
+    import keras_bnp
+
     keras.utils.set_random_seed(seed)
     return keras_bnp.BNPSequential([
         keras.Input((4,)),
@@ -300,6 +302,8 @@ def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
     `initial_scales` (BNP's)."""
     import keras
 
+    import keras_bnp
+
     keras.utils.set_random_seed(seed)
     model, loss, (train, val, test) = MODELS[name](train_size, seed)
     model = keras_bnp.BNPModel(model.inputs, model.outputs)
@@ -377,7 +381,7 @@ def sweep(config, results, save, log=print):
     `RATES` on the first seed, and up to `EDGE_STEPS` rates of the
     1-3-10 sequence beyond the grid while the best is at its edge; then
     the other seeds at the tuned rate."""
-    from keras_bnp.benchmark import _next_rate
+    from benchmarks.benchmark import _next_rate
 
     done = {_key(r) for r in results}
     size, epochs = config["train_size"], config["epochs"]
@@ -531,7 +535,7 @@ def plot(config, results, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m keras_bnp.benchmark --zoo",
+        prog="python -m benchmarks.benchmark --zoo",
         description=__doc__, formatter_class=_cli.HelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS),
                         default=list(MODELS), help="zoo models to train")
@@ -548,7 +552,6 @@ def main(argv=None):
                         help="report the runs in --out-dir, running nothing")
     args = parser.parse_args(argv)
     _cli.require("matplotlib", "benchmark", "the zoo's plot")
-    keras_bnp._import_api()
     config = {"models": args.models, "methods": args.methods,
               "seeds": args.seeds, "train_size": args.train_size,
               "epochs": args.epochs}
@@ -565,7 +568,7 @@ def main(argv=None):
 
     if not args.report_only:
         sweep(config, results, save)
-    command = "python -m keras_bnp.benchmark --zoo " + " ".join(
+    command = "python -m benchmarks.benchmark --zoo " + " ".join(
         argv if argv is not None else [])
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
         f.write(report(config, results, command.strip()))

@@ -10,7 +10,7 @@ with BNP on synthetic sentiment data whose tokens follow a Zipf law, with
 and without it. The learning rate of each variant is chosen by the mean
 validation accuracy over the seeds; the test accuracy is given at it.
 
-    python docs/benchmark/embedding.py
+    python -m benchmarks.research.embedding
 """
 
 import argparse

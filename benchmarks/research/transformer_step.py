@@ -1,8 +1,9 @@
-"""Cost of a BNP training step on a Transformer encoder block against SGD's:
+r"""Cost of a BNP training step on a Transformer encoder block against SGD's:
 MultiHeadAttention (its four EinsumDense projections preconditioned), two
 LayerNormalization, a feed-forward Dense pair and a Dense classifier.
 
-    python docs/benchmark/transformer_step.py [--rounds 100] [--jit-compile]
+    python -m benchmarks.research.transformer_step [--rounds 100] \
+        [--jit-compile]
 
 One fixed batch of uniform noise; each model's own training step in a
 compiled loop (`benchmark._step_loops`, as the cost tables). Each round
@@ -18,7 +19,7 @@ import keras
 import numpy as np
 
 import keras_bnp
-from keras_bnp import benchmark
+from benchmarks import benchmark
 
 
 def transformer(length, dim, heads, classes, model_class):

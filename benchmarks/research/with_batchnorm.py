@@ -3,7 +3,7 @@ the same model, on the benchmark's MLP budget (2000 bundled training
 images, 2 epochs, seeds 0, 1, 2) at the given batch sizes and learning
 rates: test accuracy, mean ± standard deviation over the seeds.
 
-    python docs/benchmark/with_batchnorm.py --batch-sizes 4 16 \
+    python -m benchmarks.research.with_batchnorm --batch-sizes 4 16 \
         --learning-rates 0.01 0.03
 """
 
@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from keras_bnp import experiment
+from benchmarks import experiment
 
 # BNP around SGD on the "batchnorm" model: a method the sweep does not have.
 experiment.METHOD_SPECS["bnp_batchnorm"] = ("bnp", "batch")

@@ -1,7 +1,7 @@
 """Profiles one model's training step with the TensorFlow profiler and
 prints the time per step of each op and XLA thunk, summed over threads.
 
-    python docs/benchmark/profile_step.py mlp 32 bnp [steps] [digits|noise]
+    python -m benchmarks.research.profile_step mlp 32 bnp [steps] [digits|noise]
 
 On the fixed batch of the benchmark's cost table (`benchmark.timing_batch`).
 """
@@ -14,8 +14,8 @@ import tempfile
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from keras_bnp import benchmark
-from keras_bnp import experiment
+from benchmarks import benchmark
+from benchmarks import experiment
 
 task, batch_size, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 500

@@ -4,14 +4,14 @@ training steps on the fixed batch, each tracked layer's largest running
 convolution's input when it exceeds `RAW_SUMS_MAX_RATIO`, and always a
 Dense layer's, which is a batch of vectors in these models).
 
-    python docs/benchmark/centring.py
+    python -m benchmarks.research.centring
 """
 
 import keras
 import numpy as np
 
-from keras_bnp import benchmark
-from keras_bnp import experiment
+from benchmarks import benchmark
+from benchmarks import experiment
 from keras_bnp import registry
 from keras_bnp import statistics
 

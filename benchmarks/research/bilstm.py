@@ -6,7 +6,7 @@ without the recurrent rule, a few `fit` steps, a `.keras` round trip of
 the statistics, and the seconds per training step against SGD, with rounds
 interleaving the methods.
 
-    python docs/benchmark/bilstm.py --batch-size 32 --rounds 9
+    python -m benchmarks.research.bilstm --batch-size 32 --rounds 9
 
 "sgd, whole sequence" is SGD with the last layers' time loops run with
 `return_sequences` on, as BNP's recording runs them.
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_bnp
-from keras_bnp import benchmark
+from benchmarks import benchmark
 from keras_bnp import rules
 
 parser = argparse.ArgumentParser()

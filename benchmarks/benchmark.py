@@ -1,12 +1,12 @@
 """Benchmark BNP against SGD, BatchNorm, LayerNorm, GroupNorm and Adam.
 
-    python -m keras_bnp.benchmark                # default: MLP, ~10 min, 2 CPUs
-    python -m keras_bnp.benchmark --full         # MLP and CNN, longer runs
-    python -m keras_bnp.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp
-    python -m keras_bnp.benchmark --zoo          # client models (zoo.py)
+    python -m benchmarks.benchmark           # default: MLP, ~10 min, 2 CPUs
+    python -m benchmarks.benchmark --full    # MLP and CNN, longer runs
+    python -m benchmarks.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp
+    python -m benchmarks.benchmark --zoo     # client models (zoo.py)
 
 Trains every method at every batch size over a learning-rate grid and
-several seeds (`keras_bnp.experiment.run`), picks each method's learning
+several seeds (`benchmarks.experiment.run`), picks each method's learning
 rate by validation accuracy (never the test set), and measures per-step
 training time (interleaved, as a ratio to SGD), inference time and optimizer
 state size. Writes to `--out-dir`: `results.json` (every run; an existing
@@ -30,11 +30,9 @@ import time
 
 import numpy as np
 
-import keras_bnp
-from keras_bnp import _cli
-from keras_bnp import data
-from keras_bnp import experiment
-from keras_bnp import zoo
+from benchmarks import _cli
+from benchmarks import experiment
+from benchmarks import zoo
 
 SGD_RATES = (0.003, 0.01, 0.03)
 ADAM_RATES = (0.0003, 0.001, 0.003)
@@ -274,6 +272,8 @@ def timing_batch(task, batch_size, inputs="digits", seed=0):
     running mean is large against their spread (see
     `statistics.input_sums`); on noise, the upper layers' features are such
     a case."""
+    from keras_bnp import data
+
     if inputs == "digits":
         (x, y), _ = data.load_mnist()
         index = np.arange(batch_size) % len(x)
@@ -741,7 +741,7 @@ def main(argv=None):
         argv.remove("--zoo")
         return zoo.main(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m keras_bnp.benchmark", description=__doc__,
+        prog="python -m benchmarks.benchmark", description=__doc__,
         formatter_class=_cli.HelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help="MLP and CNN, 7000 images, 3 epochs, 5 seeds")
@@ -801,10 +801,9 @@ def main(argv=None):
                         "or machines); runs already here are kept")
     args = parser.parse_args(argv)
     # Everything it needs, before the first run: the plots come last.
-    _cli.require("matplotlib", "benchmark", "python -m keras_bnp.benchmark")
+    _cli.require("matplotlib", "benchmark", "python -m benchmarks.benchmark")
     if args.source == "tfds":
         _cli.require("tensorflow_datasets", "data", "--data tfds")
-    keras_bnp._import_api()
 
     config = dict(DEEP if args.deep else FULL if args.full else DEFAULTS)
     for name in ("tasks", "batch_sizes", "seeds", "train_size", "epochs",
@@ -856,7 +855,7 @@ def main(argv=None):
     })
     with open(os.path.join(args.out_dir, "timing.json"), "w") as f:
         json.dump(timings, f, indent=1)
-    command = "python -m keras_bnp.benchmark " + " ".join(
+    command = "python -m benchmarks.benchmark " + " ".join(
         argv if argv is not None else sys.argv[1:])
     results = [r for r in results if _in_config(r, config)]
     text = report(config, results, timings, args.target, command.strip())

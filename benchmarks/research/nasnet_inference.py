@@ -5,8 +5,8 @@ Adam(1e-3): whether its outputs in inference mode (BatchNorm's moving
 averages) and in training mode are finite, and the largest BatchNorm
 moving variance. `--scale 255` feeds raw pixel values.
 
-    python docs/benchmark/nasnet_inference.py --scale 1
-    python docs/benchmark/nasnet_inference.py --scale 255
+    python -m benchmarks.research.nasnet_inference --scale 1
+    python -m benchmarks.research.nasnet_inference --scale 255
 """
 
 import argparse
