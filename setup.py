@@ -86,6 +86,7 @@ setup(
         "data": DATA,
         "test": DATA + [
             "pytest",
+            "pytest-xdist",
             "hypothesis",
             "tensorboard",
             "matplotlib",
