@@ -31,6 +31,9 @@ METHOD_SPECS = {
     "sgd": ("sgd", None),
     "bnp": ("bnp", None),
     "batchnorm": ("sgd", "batch"),
+    # Momentum 0.9, PyTorch's default (Keras' is 0.99): the same training,
+    # other moving averages for validation.
+    "batchnorm90": ("sgd", "batch90"),
     "layernorm": ("sgd", "layer"),
     "groupnorm": ("sgd", "group"),
     "batchrenorm": ("sgd", "renorm"),
@@ -44,6 +47,7 @@ METHOD_SPECS = {
 BNP_OPTIONS = ("epsilon", "statistics_momentum", "relative_epsilon",
                "initial_scaling")
 METHODS = tuple(METHOD_SPECS)
+SCHEDULES = ("constant", "cosine")
 # Shallow tasks: a one-hidden-layer MLP and a 3-conv CNN. Deep tasks: an
 # 8x256 MLP, a VGG-style 8-conv CNN and a ResNet-20-style CNN, all without
 # normalization layers unless a method adds them.
@@ -86,6 +90,7 @@ def _normalization(kind):
 
     return {
         "batch": keras.layers.BatchNormalization,
+        "batch90": lambda: keras.layers.BatchNormalization(momentum=0.9),
         "layer": keras.layers.LayerNormalization,
         "group": lambda: keras.layers.GroupNormalization(groups=4),
         "renorm": lambda: keras.layers.BatchNormalization(renorm=True),
@@ -157,8 +162,13 @@ def build_model(task, normalization=None, hidden=(128,), seed=0,
     return BNPModel(inputs, keras.layers.Dense(10)(x))
 
 
-def _optimizer(family, learning_rate, momentum, bnp_options):
+def _optimizer(family, learning_rate, momentum, bnp_options,
+               decay_steps=None):
     import keras
+
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps)
 
     from keras_bnp.optimizer import BNP
 
@@ -190,11 +200,13 @@ def compiled_model(
     hidden=(128,),
     seed=0,
     dataset="mnist",
+    decay_steps=None,
     **compile_kwargs,
 ):
     """`build_model` for `method`, compiled with its optimizer and a
     from-logits cross-entropy; `bnp_options` (a dict of `BNP_OPTIONS`) go to
-    BNP, `compile_kwargs` to `compile`."""
+    BNP, `compile_kwargs` to `compile`. With `decay_steps`, the learning
+    rate follows a cosine decay to 0 over that many steps."""
     import keras
 
     if method not in METHODS:
@@ -205,7 +217,8 @@ def compiled_model(
     family, normalization = METHOD_SPECS[method]
     model = build_model(task, normalization, hidden, seed, dataset)
     model.compile(
-        optimizer=_optimizer(family, learning_rate, momentum, bnp_options),
+        optimizer=_optimizer(family, learning_rate, momentum, bnp_options,
+                             decay_steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         **compile_kwargs,
     )
@@ -259,6 +272,7 @@ def run(
     seed=0,
     source="bundled",
     progress_points=0,
+    schedule="constant",
 ):
     """Trains one configuration and returns its measurements.
 
@@ -278,6 +292,8 @@ def run(
         progress_points: How many times to measure validation accuracy
             during training (evenly spread over the steps, and at the end);
             0 measures it at the end of each epoch only.
+        schedule: `"constant"`, or `"cosine"`: the learning rate decays
+            from `learning_rate` to 0 over the run's steps (`SCHEDULES`).
 
     Returns:
         A dict of the arguments plus `dataset`, BNP's settings, `train_loss`
@@ -293,10 +309,15 @@ def run(
     from keras_bnp import data
     from keras_bnp.optimizer import find_bnp
 
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Argument `schedule` must be one of {SCHEDULES}. "
+                         f"Received: schedule={schedule!r}")
     dataset = dataset_for(task, source)
+    steps = epochs * math.ceil(train_size / batch_size)
     model = compiled_model(
         method, learning_rate, task=task, momentum=momentum,
         bnp_options=bnp_options, hidden=hidden, seed=seed, dataset=dataset,
+        decay_steps=steps if schedule == "cosine" else None,
         metrics=["accuracy"], steps_per_execution=max(1, 64 // batch_size),
     )
     (x_train, y_train), (x_test, y_test) = (
@@ -309,7 +330,6 @@ def run(
         len(x_train) - validation_size
     )[:train_size]
     x_fit, y_fit = x_train[order], y_train[order]
-    steps = epochs * math.ceil(train_size / batch_size)
     progress = (_progress(x_val, y_val, max(1, steps // progress_points))
                 if progress_points else None)
     start = time.perf_counter()
@@ -331,6 +351,7 @@ def run(
         "dataset": dataset,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "schedule": schedule,
         "momentum": (
             momentum if METHOD_SPECS[method][0] in ("sgd", "bnp") else None),
         **settings,

@@ -63,3 +63,26 @@ def test_run_records_bnp_settings_only_for_bnp(method, epsilon):
     assert result["epsilon"] == epsilon
     assert (result["relative_epsilon"], result["initial_scaling"]) == (
         (None, None) if epsilon is None else (True, True))
+
+
+@pytest.mark.parametrize("method", ["bnp", "batchnorm90"])
+def test_cosine_schedule_decays_to_zero_over_the_runs_steps(method):
+    # 3 epochs of 40 images at batch size 16: 3 * 3 = 9 steps.
+    result = experiment.run(method, 16, 0.05, train_size=40, epochs=3,
+                            schedule="cosine")
+    assert result["schedule"] == "cosine"
+    model = experiment.compiled_model(method, 0.05, decay_steps=9)
+    rate = model.optimizer.learning_rate
+    schedule = getattr(model.optimizer, "inner_optimizer",
+                       model.optimizer)._learning_rate
+    for step in (0, 3, 9):
+        want = 0.05 * 0.5 * (1 + np.cos(np.pi * step / 9))
+        np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-6)
+    assert float(rate) == pytest.approx(0.05)  # before any step
+    norms = [layer for layer in model.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [layer.momentum for layer in norms] == (
+        [0.9] if method == "batchnorm90" else [])
+    with pytest.raises(ValueError, match="Argument `schedule` must be one "
+                       "of .*Received: schedule='linear'"):
+        experiment.run(method, 16, 0.05, schedule="linear")

@@ -1,0 +1,114 @@
+"""BNP against BatchNorm trained to convergence: the VGG-style network of
+the deep suite on the bundled MNIST sample (7000 training images, 1000
+held out), batch size 32, 8 epochs, SGD with momentum 0.9, validation
+accuracy after every epoch.
+
+    python -m benchmarks.research.convergence --out convergence.json
+
+Learning rates are tuned on seed 0 by the final validation accuracy, per
+method and schedule (cosine decay to 0, or constant); seeds 1 and 2 then
+run at that rate. BatchNorm with momentum 0.9 (PyTorch's default) and 0.99
+(Keras') train identically and differ only in the moving averages used for
+validation, so Keras' BatchNorm runs at the rate tuned for momentum 0.9.
+Finished runs are appended to `--out` and skipped when the command runs
+again. `--report` prints the tables of a results file.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from benchmarks import experiment
+
+RATES = {"bnp": (0.003, 0.01, 0.03), "batchnorm90": (0.01, 0.03, 0.1)}
+RUN = {"task": "vgg", "batch_size": 32, "train_size": 7000, "epochs": 8,
+       "progress_points": 8}
+SCHEDULES = ("cosine", "constant")
+SEEDS = (0, 1, 2)
+EPOCHS_SHOWN = (1, 2, 4, 8)
+
+
+def _key(method, schedule, rate, seed):
+    return f"{method}/{schedule}/{rate}/{seed}"
+
+
+def _final(record):
+    return record["progress"][-1][2]
+
+
+def tuned_rate(results, method, schedule):
+    runs = {r: results.get(_key(method, schedule, r, 0))
+            for r in RATES[method]}
+    if None in runs.values():
+        return None
+    return max(runs, key=lambda r: _final(runs[r]))
+
+
+def plan(results):
+    """The runs still to do, in order: each rate of the grid on seed 0,
+    then the other seeds at the tuned rate (cosine only), and Keras'
+    BatchNorm at BatchNorm-0.9's rate."""
+    todo = []
+    for schedule in SCHEDULES:
+        for method in RATES:
+            todo += [(method, schedule, r, 0) for r in RATES[method]]
+    for method in RATES:
+        rate = tuned_rate(results, method, "cosine")
+        if rate is not None:
+            todo += [(method, "cosine", rate, s) for s in SEEDS[1:]]
+    rate = tuned_rate(results, "batchnorm90", "cosine")
+    if rate is not None:
+        todo += [("batchnorm", "cosine", rate, s) for s in SEEDS]
+    return [run for run in todo if _key(*run) not in results]
+
+
+def report(results):
+    lines = ["| method | schedule | rate | seeds | "
+             + " | ".join(f"epoch {e}" for e in EPOCHS_SHOWN)
+             + " | test |", "|---" * (5 + len(EPOCHS_SHOWN)) + "|"]
+    rows = {}
+    for key, record in results.items():
+        method, schedule, rate, _ = key.split("/")
+        rows.setdefault((method, schedule, float(rate)), []).append(record)
+    for (method, schedule, rate), records in sorted(rows.items()):
+        cells = []
+        for epoch in EPOCHS_SHOWN:
+            values = np.array([r["progress"][epoch - 1][2] for r in records])
+            cells.append(f"{values.mean():.4f}" + (
+                f" ± {values.std():.4f}" if len(values) > 1 else ""))
+        test = np.array([r["test_accuracy"] for r in records])
+        lines.append(
+            f"| {method} | {schedule} | {rate:g} | {len(records)} | "
+            + " | ".join(cells) + f" | {test.mean():.4f}"
+            + (f" ± {test.std():.4f}" if len(test) > 1 else "") + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="convergence.json")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    while not args.report and (todo := plan(results)):
+        method, schedule, rate, seed = todo[0]
+        record = experiment.run(method, RUN["batch_size"], rate, seed=seed,
+                                schedule=schedule, **{
+                                    k: v for k, v in RUN.items()
+                                    if k != "batch_size"})
+        results[_key(method, schedule, rate, seed)] = record
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+        print(f"{method} {schedule} {rate} seed {seed}: validation "
+              f"{_final(record):.4f} after {record['seconds']:.0f} s",
+              flush=True)
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
