@@ -10,8 +10,8 @@ method and schedule (cosine decay to 0, or constant); seeds 1 and 2 then
 run at that rate. BatchNorm with momentum 0.9 (PyTorch's default) and 0.99
 (Keras') train identically and differ only in the moving averages used for
 validation, so Keras' BatchNorm runs at the rate tuned for momentum 0.9.
-Last, BNP with other damping and statistics momentum (`VARIANTS`) runs on
-seed 0 at its tuned cosine rate. Finished runs are appended to `--out`
+Last, BNP with other damping and statistics momentum (`VARIANTS`) runs at
+its tuned cosine rate. Finished runs are appended to `--out`
 and skipped when the command runs again. `--report` prints the tables of
 a results file.
 """
@@ -28,8 +28,8 @@ RATES = {"bnp": (0.003, 0.01, 0.03), "batchnorm90": (0.01, 0.03, 0.1)}
 RUN = {"task": "vgg", "batch_size": 32, "train_size": 7000, "epochs": 8,
        "progress_points": 8}
 SCHEDULES = ("cosine", "constant")
-# BNP with other settings, on seed 0 at BNP's tuned cosine rate: can it
-# hold its early lead to the end?
+# BNP with other settings, at BNP's tuned cosine rate: can it hold its
+# early lead to the end?
 VARIANTS = {"bnp[epsilon=1]": {"epsilon": 1.0},
             "bnp[epsilon=10]": {"epsilon": 10.0},
             "bnp[statistics_momentum=0.9]": {"statistics_momentum": 0.9},
@@ -72,7 +72,8 @@ def plan(results):
         todo += [("batchnorm", "cosine", rate, s) for s in SEEDS]
     rate = tuned_rate(results, "bnp", "cosine")
     if rate is not None:
-        todo += [(variant, "cosine", rate, 0) for variant in VARIANTS]
+        todo += [(variant, "cosine", rate, seed) for seed in SEEDS
+                 for variant in VARIANTS]
     return [run for run in todo if _key(*run) not in results]
 
 
