@@ -46,10 +46,13 @@ def _updated(statistics, block, features, axis=-1):
     return stats
 
 
+def _damping(stats):
+    return _reference.damping(stats.mean, stats.variance, REFERENCE_EPSILON)
+
+
 def _precondition(function, grad_kernel, grad_bias, stats, *args):
     return function(grad_kernel, grad_bias, stats.mean, stats.variance,
-                    _reference.damping(stats.mean, stats.variance,
-                                       REFERENCE_EPSILON), *args)
+                    _damping(stats), *args)
 
 
 def _bias(layer, grads, index=1):
@@ -100,8 +103,7 @@ def einsum(layer, x, grads, weights, statistics):
                      _reference.einsum_features(x, layer.equation))
     return _reference.einsum_precondition(
         grads[0], grads[1] if layer.bias_axes else None, layer.equation,
-        layer.bias_axes, stats.mean, stats.variance,
-        _reference.damping(stats.mean, stats.variance, REFERENCE_EPSILON))
+        layer.bias_axes, stats.mean, stats.variance, _damping(stats))
 
 
 def grouped_einsum(layer, x, grads, weights, statistics):
@@ -110,12 +112,10 @@ def grouped_einsum(layer, x, grads, weights, statistics):
     and the damping of the whole layer's."""
     groups, fan_in = x.shape[1:]
     stats = _updated(statistics, None, x.reshape(len(x), groups * fan_in))
-    damping = _reference.damping(stats.mean, stats.variance,
-                                 REFERENCE_EPSILON)
     parts = [_reference.precondition(
         grads[0][g], grads[1][g] if layer.bias_axes else None,
         stats.mean[g * fan_in:(g + 1) * fan_in],
-        stats.variance[g * fan_in:(g + 1) * fan_in], damping)
+        stats.variance[g * fan_in:(g + 1) * fan_in], _damping(stats))
         for g in range(groups)]
     kernels, biases = zip(*parts)
     return np.stack(kernels), (np.stack(biases) if layer.bias_axes else None)
