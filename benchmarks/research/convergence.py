@@ -1,19 +1,20 @@
 """BNP against BatchNorm trained to convergence: the VGG-style network of
 the deep suite on the bundled MNIST sample (7000 training images, 1000
-held out), batch size 32, 8 epochs, SGD with momentum 0.9, validation
-accuracy after every epoch.
+held out), 8 epochs, SGD with momentum 0.9, validation accuracy after
+every epoch.
 
-    python -m benchmarks.research.convergence --out convergence.json
+    python -m benchmarks.research.convergence --out convergence.json \
+        [--batch-size 32] [--variants]
 
 Learning rates are tuned on seed 0 by the final validation accuracy, per
 method and schedule (cosine decay to 0, or constant); seeds 1 and 2 then
 run at that rate. BatchNorm with momentum 0.9 (PyTorch's default) and 0.99
 (Keras') train identically and differ only in the moving averages used for
 validation, so Keras' BatchNorm runs at the rate tuned for momentum 0.9.
-Last, BNP with other damping and statistics momentum (`VARIANTS`) runs at
-its tuned cosine rate. Finished runs are appended to `--out`
-and skipped when the command runs again. `--report` prints the tables of
-a results file.
+Last, with `--variants`, BNP with other damping and statistics momentum
+(`VARIANTS`) runs at its tuned cosine rate. Finished runs are appended to
+`--out` and skipped when the command runs again. `--report` prints the
+tables of a results file.
 """
 
 import argparse
@@ -25,8 +26,7 @@ import numpy as np
 from benchmarks import experiment
 
 RATES = {"bnp": (0.003, 0.01, 0.03), "batchnorm90": (0.01, 0.03, 0.1)}
-RUN = {"task": "vgg", "batch_size": 32, "train_size": 7000, "epochs": 8,
-       "progress_points": 8}
+RUN = {"task": "vgg", "train_size": 7000, "epochs": 8, "progress_points": 8}
 SCHEDULES = ("cosine", "constant")
 # BNP with other settings, at BNP's tuned cosine rate: can it hold its
 # early lead to the end?
@@ -54,10 +54,11 @@ def tuned_rate(results, method, schedule):
     return max(runs, key=lambda r: _final(runs[r]))
 
 
-def plan(results):
+def plan(results, variants):
     """The runs still to do, in order: each rate of the grid on seed 0,
     then the other seeds at the tuned rate, Keras' BatchNorm at
-    BatchNorm-0.9's cosine rate, and BNP's `VARIANTS`."""
+    BatchNorm-0.9's cosine rate, and, with `variants`, BNP's
+    `VARIANTS`."""
     todo = []
     for schedule in SCHEDULES:
         for method in RATES:
@@ -71,7 +72,7 @@ def plan(results):
     if rate is not None:
         todo += [("batchnorm", "cosine", rate, s) for s in SEEDS]
     rate = tuned_rate(results, "bnp", "cosine")
-    if rate is not None:
+    if variants and rate is not None:
         todo += [(variant, "cosine", rate, seed) for seed in SEEDS
                  for variant in VARIANTS]
     return [run for run in todo if _key(*run) not in results]
@@ -130,17 +131,20 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="convergence.json")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants", action="store_true",
+                        help="also run BNP's VARIANTS")
     args = parser.parse_args()
     results = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
-    while not args.report and (todo := plan(results)):
+    while not args.report and (todo := plan(results, args.variants)):
         method, schedule, rate, seed = todo[0]
         record = experiment.run(
-            "bnp" if method in VARIANTS else method, RUN["batch_size"], rate,
+            "bnp" if method in VARIANTS else method, args.batch_size, rate,
             seed=seed, schedule=schedule, bnp_options=VARIANTS.get(method),
-            **{k: v for k, v in RUN.items() if k != "batch_size"})
+            **RUN)
         results[_key(method, schedule, rate, seed)] = record
         with open(args.out, "w") as f:
             json.dump(results, f)
