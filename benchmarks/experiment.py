@@ -1,8 +1,9 @@
 r"""Train a model on MNIST with BNP or a baseline, and sweep settings.
 
-One function, `run`, is the measuring instrument behind the demo, the
-defaults study (`docs/defaults.md`), the benchmark (`benchmarks.benchmark`)
-and the tests' MNIST checks. Its command line sweeps BNP against SGD:
+One function, `run`, is the measuring instrument behind the defaults study
+(`docs/defaults.md`), the benchmark (`benchmarks.benchmark`), the
+convergence study (`benchmarks.research.convergence`) and the tests' MNIST
+checks. Its command line sweeps BNP against SGD:
 
     python -m benchmarks.experiment --batch-sizes 1 2 4 \
         --learning-rates 0.001 0.01 --out results.json
@@ -166,12 +167,11 @@ def _optimizer(family, learning_rate, momentum, bnp_options,
                decay_steps=None):
     import keras
 
+    from keras_bnp.optimizer import BNP
+
     if decay_steps:
         learning_rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, decay_steps)
-
-    from keras_bnp.optimizer import BNP
-
     if family in ("bnp", "bnp_adam"):
         settings = {k: v for k, v in (bnp_options or {}).items()
                     if v is not None}

@@ -9,6 +9,7 @@ run while it trains (on stderr), then the table.
 """
 
 import argparse
+import functools
 import sys
 import time
 
@@ -16,6 +17,17 @@ import numpy as np
 
 # The last training images, held out as the benchmark holds them out.
 VALIDATION_SIZE = 1000
+
+
+@functools.cache
+def _flat_mnist(source):
+    """MNIST from `source` (see `data.load_mnist`), images flattened; loaded
+    once per process."""
+    from keras_bnp import data
+
+    (x_train, y_train), (x_test, y_test) = data.load_mnist(source)
+    return ((x_train.reshape(-1, 784), y_train),
+            (x_test.reshape(-1, 784), y_test))
 
 
 def train(method, batch_size, learning_rate=0.01, *, train_size=7000,
@@ -27,10 +39,8 @@ def train(method, batch_size, learning_rate=0.01, *, train_size=7000,
     import keras
 
     import keras_bnp
-    from keras_bnp import data
 
-    (x_train, y_train), (x_test, y_test) = data.load_mnist(source)
-    x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
+    (x_train, y_train), (x_test, y_test) = _flat_mnist(source)
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((784,))
     x = inputs
@@ -72,10 +82,8 @@ def main(argv=None):
     parser.add_argument("--train-size", type=int, default=7000,
                         help="training images (default: 7000)")
     args = parser.parse_args(argv)
-    from keras_bnp import data
-
     try:  # before any training: the full MNIST needs an optional package
-        data.load_mnist(args.source)
+        _flat_mnist(args.source)
     except (ImportError, ConnectionError) as error:
         parser.error(f"--source {args.source}: {error}")
     print(

@@ -41,34 +41,39 @@ def assert_allclose(actual, desired, atol=1e-6, rtol=1e-6):
     )
 
 
-def assert_statistics_match(optimizer, layer, reference):
-    """`layer`'s running statistics in `optimizer` equal `reference`'s (a
+def assert_statistics_match(optimizer, layer, reference, block=None):
+    """The running statistics of `layer`'s block `block` (its only one when
+    `None`) in `optimizer` equal `reference`'s (a
     `_reference.RawMomentStatistics`), to float32 round-off."""
-    mean, variance = optimizer.layer_statistics(layer)
+    mean, variance = optimizer.layer_statistics(layer, block)
     assert_allclose(mean, reference.mean, atol=1e-5, rtol=1e-5)
     assert_allclose(variance, reference.variance, atol=1e-5, rtol=1e-4)
+
+
+def _per_channel(rng, shape, channel_axis, scale, offset):
+    """Normal values with a `scale` and `offset` per channel (arrays of the
+    channel count)."""
+    broadcast = [1] * len(shape)
+    broadcast[channel_axis] = shape[channel_axis]
+    return (rng.normal(size=shape) * scale.reshape(broadcast)
+            + offset.reshape(broadcast)).astype("float32")
 
 
 def shifted_inputs(rng, shape, channel_axis=-1):
     """Inputs whose channels have distinct, non-zero means and scales."""
     channels = shape[channel_axis]
-    broadcast = [1] * len(shape)
-    broadcast[channel_axis] = channels
-    scale = rng.uniform(0.3, 3.0, channels).reshape(broadcast)
-    offset = rng.uniform(-2.0, 2.0, channels).reshape(broadcast)
-    return (rng.normal(size=shape) * scale + offset).astype("float32")
+    scale = rng.uniform(0.3, 3.0, channels)
+    return _per_channel(rng, shape, channel_axis, scale,
+                        rng.uniform(-2.0, 2.0, channels))
 
 
 def channel_offset_inputs(rng, shape, channels_first=False):
     """Channels with offsets from -5 to 5 and standard deviations from 0.3
     to 10."""
     axis = 1 if channels_first else -1
-    broadcast = [1] * len(shape)
-    broadcast[axis] = shape[axis]
     scale = 10.0 ** rng.uniform(-0.5, 1.0, shape[axis])
-    offset = rng.uniform(-5.0, 5.0, shape[axis])
-    return (rng.normal(size=shape) * scale.reshape(broadcast)
-            + offset.reshape(broadcast)).astype("float32")
+    return _per_channel(rng, shape, axis, scale,
+                        rng.uniform(-5.0, 5.0, shape[axis]))
 
 
 def entrywise_inputs(rng, shape):

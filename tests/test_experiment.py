@@ -66,11 +66,18 @@ def test_run_records_bnp_settings_only_for_bnp(method, epsilon):
 
 
 @pytest.mark.parametrize("method", ["bnp", "batchnorm90"])
-def test_cosine_schedule_decays_to_zero_over_the_runs_steps(method):
+def test_cosine_schedule_decays_to_zero_over_the_runs_steps(method,
+                                                            monkeypatch):
+    built = []
+    compiled_model = experiment.compiled_model
+    monkeypatch.setattr(experiment, "compiled_model", lambda *a, **k: (
+        built.append(k["decay_steps"]) or compiled_model(*a, **k)))
     # 3 epochs of 40 images at batch size 16: 3 * 3 = 9 steps.
     result = experiment.run(method, 16, 0.05, train_size=40, epochs=3,
                             schedule="cosine")
     assert result["schedule"] == "cosine"
+    experiment.run(method, 16, 0.05, train_size=40, epochs=1)
+    assert built == [9, None]
     model = experiment.compiled_model(method, 0.05, decay_steps=9)
     rate = model.optimizer.learning_rate
     schedule = getattr(model.optimizer, "inner_optimizer",

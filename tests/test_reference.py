@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from helpers import REFERENCE_BETA
 from helpers import REFERENCE_EPSILON
-from helpers import assert_allclose
+from helpers import assert_statistics_match
 from helpers import channel_offset_inputs
 from helpers import check_reference_steps
 from helpers import depthwise_of
@@ -279,9 +279,7 @@ def test_many_steps_match_numpy_reference(name):
     def step(optimizer, x, grads, weights):
         new_grads = reference(layer, x, grads, weights, statistics)
         for block, stats in statistics.items():
-            mean, variance = optimizer.layer_statistics(layer, block)
-            assert_allclose(mean, stats.mean, atol=1e-5, rtol=1e-5)
-            assert_allclose(variance, stats.variance, atol=1e-5, rtol=1e-4)
+            assert_statistics_match(optimizer, layer, stats, block)
         return new_grads
 
     check_reference_steps(layer, input_shape, inputs, step)

@@ -78,6 +78,12 @@ def plan(results, variants):
     return [run for run in todo if _key(*run) not in results]
 
 
+def _mean_std(values):
+    """`mean ± standard deviation`, or the value alone."""
+    text = f"{np.mean(values):.4f}"
+    return text + f" ± {np.std(values):.4f}" if len(values) > 1 else text
+
+
 def report(results):
     lines = ["| method | schedule | rate | seeds | "
              + " | ".join(f"epoch {e}" for e in EPOCHS_SHOWN)
@@ -87,16 +93,11 @@ def report(results):
         method, schedule, rate, _ = key.split("/")
         rows.setdefault((method, schedule, float(rate)), []).append(record)
     for (method, schedule, rate), records in sorted(rows.items()):
-        cells = []
-        for epoch in EPOCHS_SHOWN:
-            values = np.array([r["progress"][epoch - 1][2] for r in records])
-            cells.append(f"{values.mean():.4f}" + (
-                f" ± {values.std():.4f}" if len(values) > 1 else ""))
-        test = np.array([r["test_accuracy"] for r in records])
-        lines.append(
-            f"| {method} | {schedule} | {rate:g} | {len(records)} | "
-            + " | ".join(cells) + f" | {test.mean():.4f}"
-            + (f" ± {test.std():.4f}" if len(test) > 1 else "") + " |")
+        cells = [_mean_std([r["progress"][epoch - 1][2] for r in records])
+                 for epoch in EPOCHS_SHOWN]
+        cells.append(_mean_std([r["test_accuracy"] for r in records]))
+        lines.append(f"| {method} | {schedule} | {rate:g} | {len(records)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + _to_targets(rows)
 
 
