@@ -158,13 +158,13 @@ def _beyond_edge(config, results, task, method, batch_size):
     best = _tuned(runs, task, method, batch_size)[0]["learning_rate"]
     steps = config["edge_steps"]
     if best == rates[0] and sum(lr < min(grid) for lr in rates) < steps:
-        return [_next_rate(best, down=True)]
+        return [next_rate(best, down=True)]
     if best == rates[-1] and sum(lr > max(grid) for lr in rates) < steps:
-        return [_next_rate(best, down=False)]
+        return [next_rate(best, down=False)]
     return []
 
 
-def _next_rate(rate, down):
+def next_rate(rate, down):
     """The neighbour of `rate` in the sequence ..., 0.001, 0.003, 0.01,
     0.03, ... (rates of one significant digit, 1 or 3)."""
     exponent = math.floor(math.log10(rate) + 1e-9)

@@ -33,6 +33,11 @@ RATES = {"bnp": (0.003, 0.01, 0.03, 0.1), "sgd": (0.003, 0.01, 0.03, 0.1),
          "adam": (0.0003, 0.001, 0.003),
          "bnp_unscaled": (0.003, 0.01, 0.03, 0.1)}
 DEFAULTS = {"seeds": [0, 1], "train_size": 2000, "epochs": 6}
+# Models whose loss is a sum over pixels (the VAE) or carries a gradient
+# penalty (the WGAN-GP): the SGD-based methods' grids are scaled down.
+RATE_SCALE = {"vae": 0.01, "wgan_gp": 0.01}
+# Adam as the model's source configures it (keras-io's WGAN-GP).
+ADAM = {"wgan_gp": {"beta_1": 0.5, "beta_2": 0.9}}
 # How many rates past the grid's edge the tuning may go.
 EDGE_STEPS = 2
 
@@ -282,6 +287,257 @@ def _transformer_text(train_size, seed):
             _tokens(train_size, seed))
 
 
+def _distilbert_text(train_size, seed):
+    """keras-hub's `DistilBertTextClassifier` built from a config (no
+    preset: two layers of width 64), on `_tokens`' task; logits."""
+    import keras
+    import keras_hub
+
+    backbone = keras_hub.models.DistilBertBackbone(
+        vocabulary_size=200, num_layers=2, num_heads=2, hidden_dim=64,
+        intermediate_dim=128, max_sequence_length=32)
+    task = keras_hub.models.DistilBertTextClassifier(
+        backbone, num_classes=2, preprocessor=None)
+    return task, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), [
+        ({"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)},
+         labels) for tokens, labels in _tokens(train_size, seed)]
+
+
+def _bart_reverse(train_size, seed, length=10, vocabulary=40):
+    """keras-hub's `BartSeq2SeqLM` built from a config (one encoder and one
+    decoder layer of width 64), taught with teacher forcing to write its
+    input backwards; token-level cross-entropy of the logits."""
+    import keras
+    import keras_hub
+
+    backbone = keras_hub.models.BartBackbone(
+        vocabulary_size=vocabulary, num_layers=1, num_heads=2, hidden_dim=64,
+        intermediate_dim=128, max_sequence_length=length + 1)
+    task = keras_hub.models.BartSeq2SeqLM(backbone, preprocessor=None)
+    rng = np.random.default_rng(seed)
+    splits = []
+    for count in (train_size, 500, 1000):
+        source = rng.integers(3, vocabulary, (count, length))
+        target = source[:, ::-1]
+        start = np.full((count, 1), 2)  # BART's decoder start token
+        mask = np.ones((count, length + 1), bool)
+        splits.append(({
+            "encoder_token_ids": np.concatenate([source, start], 1),
+            "encoder_padding_mask": mask,
+            "decoder_token_ids": np.concatenate([start, target], 1),
+            "decoder_padding_mask": mask,
+        }, np.concatenate([target, start], 1).astype("int32")))
+    return task, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), splits
+
+
+def _vit_image(train_size, seed):
+    """keras-hub's `ViTImageClassifier` built from a config (patches of
+    4x4, two layers of width 64) on the coloured digits scaled to [0, 1]
+    as its image converter would; logits."""
+    import keras
+    import keras_hub
+
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=4, num_layers=2, num_heads=2,
+        hidden_dim=64, mlp_dim=128)
+    task = keras_hub.models.ViTImageClassifier(
+        backbone, num_classes=10, preprocessor=None)
+    return task, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), [(x / 255.0, y) for x, y in _digits(
+            train_size, seed, 32, colour=True)]
+
+
+def _images(train_size, seed, low=0.0):
+    """Bundled MNIST digits without labels, pixel values from `low` to 1
+    (the generative models' data)."""
+    return [(low + (1 - low) * x, None) for x, _ in _digits(train_size, seed)]
+
+
+class _Scored:
+    """Validation and test of a model with its own `train_step`: `test_step`
+    reports `score(batch)`, averaged over the batches, as `loss`."""
+
+    OPTIMIZERS = 1  # how many optimizers `compile` takes
+
+    def _trackers(self):
+        import keras
+
+        self.train_tracker = keras.metrics.Mean(name="train")
+        self.score_tracker = keras.metrics.Mean(name="score")
+
+    @property
+    def metrics(self):
+        return [self.train_tracker, self.score_tracker]
+
+    def test_step(self, data):
+        x, _, _ = __import__("keras").utils.unpack_x_y_sample_weight(data)
+        self.score_tracker.update_state(self.score(x))
+        return {"loss": self.score_tracker.result()}
+
+
+def _vae(train_size, seed):
+    """keras-io's "Variational AutoEncoder": a convolutional encoder to a
+    2-D latent space, a transposed-convolution decoder, its own
+    `train_step` with the summed binary cross-entropy and the KL term."""
+    import keras
+    import tensorflow as tf
+    from keras import layers
+    from keras import ops
+
+    import keras_bnp
+
+    latent = 2
+    inputs = keras.Input((28, 28, 1))
+    x = layers.Conv2D(32, 3, activation="relu", strides=2,
+                      padding="same")(inputs)
+    x = layers.Conv2D(64, 3, activation="relu", strides=2, padding="same")(x)
+    x = layers.Dense(16, activation="relu")(layers.Flatten()(x))
+    encoder = keras.Model(inputs, [layers.Dense(latent)(x),
+                                   layers.Dense(latent)(x)])
+    z = keras.Input((latent,))
+    x = layers.Reshape((7, 7, 64))(layers.Dense(7 * 7 * 64,
+                                                activation="relu")(z))
+    x = layers.Conv2DTranspose(64, 3, activation="relu", strides=2,
+                               padding="same")(x)
+    x = layers.Conv2DTranspose(32, 3, activation="relu", strides=2,
+                               padding="same")(x)
+    decoder = keras.Model(z, layers.Conv2DTranspose(
+        1, 3, activation="sigmoid", padding="same")(x))
+
+    class VAE(_Scored, keras_bnp.BNPMixin, keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = encoder, decoder
+            self.seed = keras.random.SeedGenerator(seed)
+            self._trackers()
+
+        def score(self, x):
+            """The negative ELBO per image (keras-io's total loss)."""
+            z_mean, z_log_var = self.encoder(x)
+            noise = keras.random.normal(ops.shape(z_mean), seed=self.seed)
+            reconstruction = self.decoder(
+                z_mean + ops.exp(0.5 * z_log_var) * noise)
+            rebuilt = ops.mean(ops.sum(keras.losses.binary_crossentropy(
+                x, reconstruction), axis=(1, 2)))
+            kl = -0.5 * (1 + z_log_var - ops.square(z_mean)
+                         - ops.exp(z_log_var))
+            return rebuilt + ops.mean(ops.sum(kl, axis=1))
+
+        def train_step(self, data):
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            with self.bnp_capture():
+                with tf.GradientTape() as tape:
+                    loss = self.score(x)
+                grads = tape.gradient(loss, self.trainable_weights)
+                self.optimizer.apply_gradients(
+                    zip(grads, self.trainable_weights))
+            self.train_tracker.update_state(loss)
+            return {"loss": self.train_tracker.result()}
+
+    return VAE(), None, _images(train_size, seed)
+
+
+def _wgan_gp(train_size, seed, latent=64):
+    """keras-io's "WGAN-GP": a convolutional critic (LeakyReLU, Dropout, no
+    normalization) and an upsampling generator with BatchNorm, three critic
+    steps per generator step, gradient penalty weight 10, digits scaled to
+    [-1, 1]; widths a quarter of keras-io's. Scored by the sliced
+    Wasserstein distance between generated and held-out digits (64 fixed
+    random directions)."""
+    import keras
+    import tensorflow as tf
+    from keras import layers
+    from keras import ops
+
+    import keras_bnp
+
+    critic = keras.Sequential([keras.Input((28, 28, 1)),
+                               layers.ZeroPadding2D(2)])
+    for filters, dropout in ((16, 0), (32, 0.3), (64, 0.3), (128, 0)):
+        critic.add(layers.Conv2D(filters, 5, strides=2, padding="same"))
+        critic.add(layers.LeakyReLU(0.2))
+        if dropout:
+            critic.add(layers.Dropout(dropout))
+    critic.add(layers.Flatten())
+    critic.add(layers.Dropout(0.2))
+    critic.add(layers.Dense(1))
+
+    generator = keras.Sequential([
+        keras.Input((latent,)), layers.Dense(4 * 4 * 64, use_bias=False),
+        layers.BatchNormalization(), layers.LeakyReLU(0.2),
+        layers.Reshape((4, 4, 64))])
+    for filters in (32, 16, 1):
+        generator.add(layers.UpSampling2D())
+        generator.add(layers.Conv2D(filters, 3, padding="same",
+                                    use_bias=False))
+        generator.add(layers.BatchNormalization())
+        generator.add(layers.LeakyReLU(0.2) if filters > 1
+                      else layers.Activation("tanh"))
+    generator.add(layers.Cropping2D(2))
+    directions = np.random.default_rng(seed).normal(size=(784, 64))
+    directions = (directions / np.linalg.norm(directions, axis=0)).astype(
+        "float32")
+
+    class WGANGP(_Scored, keras_bnp.BNPMixin, keras.Model):
+        OPTIMIZERS = 2
+
+        def __init__(self):
+            super().__init__()
+            self.critic, self.generator = critic, generator
+            self.seed = keras.random.SeedGenerator(seed)
+            self._trackers()
+            self.built = True
+
+        def compile(self, d_optimizer, g_optimizer):
+            super().compile()
+            self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+
+        def noise(self, n):
+            return keras.random.normal((n, latent), seed=self.seed)
+
+        def score(self, real):
+            n = ops.shape(real)[0]
+            fake = self.generator(self.noise(n), training=False)
+            real = ops.sort(ops.reshape(real, (n, 784)) @ directions, axis=0)
+            fake = ops.sort(ops.reshape(fake, (n, 784)) @ directions, axis=0)
+            return ops.mean(ops.abs(real - fake))
+
+        def train_step(self, data):
+            real, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            n = ops.shape(real)[0]
+            for _ in range(3):
+                with self.bnp_capture():
+                    fake = self.generator(self.noise(n), training=True)
+                    alpha = keras.random.uniform((n, 1, 1, 1),
+                                                 seed=self.seed)
+                    mixed = real + alpha * (fake - real)
+                    with tf.GradientTape() as tape:
+                        with tf.GradientTape() as inner:
+                            inner.watch(mixed)
+                            mixed_score = self.critic(mixed, training=True)
+                        slope = ops.sqrt(ops.sum(ops.square(inner.gradient(
+                            mixed_score, mixed)), axis=(1, 2, 3)))
+                        d_loss = (ops.mean(self.critic(fake, training=True))
+                                  - ops.mean(self.critic(real, training=True))
+                                  + 10.0 * ops.mean(ops.square(slope - 1)))
+                    weights = self.critic.trainable_weights
+                    self.d_optimizer.apply_gradients(
+                        zip(tape.gradient(d_loss, weights), weights))
+            with self.bnp_capture():
+                with tf.GradientTape() as tape:
+                    g_loss = -ops.mean(self.critic(self.generator(
+                        self.noise(n), training=True), training=True))
+                weights = self.generator.trainable_weights
+                self.g_optimizer.apply_gradients(
+                    zip(tape.gradient(g_loss, weights), weights))
+            self.train_tracker.update_state(d_loss)
+            return {"loss": self.train_tracker.result()}
+
+    return WGANGP(), None, _images(train_size, seed, low=-1.0)
+
+
 # name: builder(train_size, seed) -> (model, loss, [train, val, test]).
 MODELS = {
     "mobilenet_v3_small": _mobilenet_v3_small,
@@ -291,6 +547,11 @@ MODELS = {
     "convlstm_next_frame": _convlstm_next_frame,
     "tabular": _tabular,
     "transformer_text": _transformer_text,
+    "distilbert_text": _distilbert_text,
+    "bart_reverse": _bart_reverse,
+    "vit_image": _vit_image,
+    "vae": _vae,
+    "wgan_gp": _wgan_gp,
 }
 
 
@@ -306,15 +567,21 @@ def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
 
     keras.utils.set_random_seed(seed)
     model, loss, (train, val, test) = MODELS[name](train_size, seed)
-    model = keras_bnp.BNPModel(model.inputs, model.outputs)
-    optimizer = {
+    make = {
         "bnp": lambda: keras_bnp.BNP(learning_rate, momentum=0.9),
         "bnp_unscaled": lambda: keras_bnp.BNP(
             learning_rate, momentum=0.9, initial_scaling=False),
         "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
-        "adam": lambda: keras.optimizers.Adam(learning_rate),
-    }[method]()
-    model.compile(optimizer=optimizer, loss=loss)
+        "adam": lambda: keras.optimizers.Adam(
+            learning_rate, **ADAM.get(name, {})),
+    }[method]
+    if loss is None:  # its own train_step, `compile` takes its optimizers
+        optimizers = [make() for _ in range(model.OPTIMIZERS)]
+        model.compile(*optimizers)
+    else:
+        model = keras_bnp.BNPModel(model.input, model.output)
+        optimizers = [make()]
+        model.compile(optimizer=optimizers[0], loss=loss)
     clock = _clock()
     history = model.fit(*train, validation_data=val, epochs=epochs,
                         batch_size=batch_size, verbose=0, callbacks=[clock])
@@ -328,7 +595,8 @@ def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
         "val_loss": history.history["val_loss"],
         "seconds": clock.seconds, "test_loss": test_loss,
         "diverged": not all(math.isfinite(v) for v in losses),
-        "initial_scales": dict(getattr(optimizer, "initial_scales", {})),
+        "initial_scales": {k: v for o in optimizers
+                           for k, v in getattr(o, "initial_scales", {}).items()},
     }
 
 
@@ -376,12 +644,18 @@ def tuned_rate(results, name, method, tune_seed, config):
         "learning_rate"]
 
 
+def grid(name, method):
+    """The learning rates tried first for `method` on model `name`."""
+    scale = 1.0 if method == "adam" else RATE_SCALE.get(name, 1.0)
+    return sorted(float(f"{rate * scale:.1g}") for rate in RATES[method])
+
+
 def sweep(config, results, save, log=print):
     """Runs what `config` asks for that `results` lacks: every rate of
     `RATES` on the first seed, and up to `EDGE_STEPS` rates of the
     1-3-10 sequence beyond the grid while the best is at its edge; then
     the other seeds at the tuned rate."""
-    from benchmarks.benchmark import _next_rate
+    from benchmarks.benchmark import next_rate
 
     done = {_key(r) for r in results}
     size, epochs = config["train_size"], config["epochs"]
@@ -401,17 +675,17 @@ def sweep(config, results, save, log=print):
 
     for name in config["models"]:
         for method in config["methods"]:
-            rates = sorted(RATES[method])
+            rates = grid(name, method)
             for _ in range(EDGE_STEPS + 1):
                 for rate in rates:
                     ensure(name, method, rate, first)
                 best = tuned_rate(results, name, method, first, config)
                 if best == rates[-1] and len(rates) < len(
-                        RATES[method]) + EDGE_STEPS:
-                    rates.append(_next_rate(best, down=False))
+                        grid(name, method)) + EDGE_STEPS:
+                    rates.append(next_rate(best, down=False))
                 elif best == rates[0] and len(rates) < len(
-                        RATES[method]) + EDGE_STEPS:
-                    rates.insert(0, _next_rate(best, down=True))
+                        grid(name, method)) + EDGE_STEPS:
+                    rates.insert(0, next_rate(best, down=True))
                 else:
                     break
             for seed in others:

@@ -121,6 +121,15 @@ class BNPMixin:
     def _scale_initially(self, scaling, x, sample_weight):
         """BNP's `initial_scaling` on `x`, with its one line printed when
         `fit` is verbose."""
+        if type(self).train_step is not BNPMixin.train_step:
+            scaling.bnp.initial_scales = {}
+            if scaling.verbose:
+                print(f"BNP: initial scaling skipped: {type(self).__name__} "
+                      "has its own train_step, whose losses and calls the "
+                      "scaling cannot see; call keras_bnp."
+                      "scale_to_unit_variance on a functional part of it "
+                      "before fit if you want it.")
+            return
         with self.distribute_strategy.scope():
             if not self.built:
                 # Keras builds a model without a strategy in the first

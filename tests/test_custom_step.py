@@ -93,6 +93,44 @@ def test_custom_step_with_bnp_capture_trains_as_the_mixins_step():
                     atol=1e-4)
 
 
+class NoCall(keras_bnp.BNPMixin, keras.Model):
+    """keras-io's VAE pattern: networks as attributes, a `train_step`, and
+    no `call` (the model cannot be called on data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = keras.Sequential([keras.Input((FEATURES,)),
+                                     keras.layers.Dense(3, activation="tanh"),
+                                     keras.layers.Dense(FEATURES)])
+
+    def train_step(self, data):
+        x, y = data
+        with self.bnp_capture():
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean((self.net(x) - y) ** 2)
+            grads = tape.gradient(loss, self.trainable_weights)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        return {"loss": loss}
+
+
+def test_custom_step_skips_the_initial_scaling_and_says_so(capsys):
+    model = NoCall()
+    before = [w.copy() for w in model.get_weights()]
+    model.compile(optimizer=keras_bnp.BNP(0.0))
+    x = _data()
+    model.fit(x, x, batch_size=16, epochs=1, shuffle=False, verbose=2)
+    assert int(model.optimizer.iterations) == 4
+    assert model.optimizer.initial_scales == {}
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(b, a)
+    assert ("BNP: initial scaling skipped: NoCall has its own train_step, "
+            "whose losses and calls the scaling cannot see; call "
+            "keras_bnp.scale_to_unit_variance on a functional part of it "
+            "before fit if you want it.\n") in capsys.readouterr().out
+    mean, _ = model.optimizer.layer_statistics(model.net.layers[0])
+    assert_allclose(mean, _running_mean(x), rtol=1e-5, atol=1e-4)
+
+
 def test_custom_step_without_capture_gets_an_error_with_the_fix():
     model = CustomStep(capture=False)
     with pytest.raises(RuntimeError) as error:
