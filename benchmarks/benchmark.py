@@ -4,6 +4,7 @@
     python -m benchmarks.benchmark --full    # MLP and CNN, longer runs
     python -m benchmarks.benchmark --tasks cnn --batch-sizes 1 4 --methods bnp
     python -m benchmarks.benchmark --zoo     # client models (zoo.py)
+    python -m benchmarks.benchmark --convergence  # to convergence
 
 Trains every method at every batch size over a learning-rate grid and
 several seeds (`benchmarks.experiment.run`), picks each method's learning
@@ -31,6 +32,7 @@ import time
 import numpy as np
 
 from benchmarks import _cli
+from benchmarks import convergence
 from benchmarks import experiment
 from benchmarks import zoo
 
@@ -740,6 +742,9 @@ def main(argv=None):
     if "--zoo" in argv:
         argv.remove("--zoo")
         return zoo.main(argv)
+    if "--convergence" in argv:
+        argv.remove("--convergence")
+        return convergence.main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.benchmark", description=__doc__,
         formatter_class=_cli.HelpFormatter)

@@ -2,7 +2,7 @@ r"""Train a model on MNIST with BNP or a baseline, and sweep settings.
 
 One function, `run`, is the measuring instrument behind the defaults study
 (`docs/defaults.md`), the benchmark (`benchmarks.benchmark`), the
-convergence study (`benchmarks.research.convergence`) and the tests' MNIST
+convergence study (`benchmarks.convergence`) and the tests' MNIST
 checks. Its command line sweeps BNP against SGD:
 
     python -m benchmarks.experiment --batch-sizes 1 2 4 \

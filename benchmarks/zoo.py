@@ -595,8 +595,8 @@ def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
         "val_loss": history.history["val_loss"],
         "seconds": clock.seconds, "test_loss": test_loss,
         "diverged": not all(math.isfinite(v) for v in losses),
-        "initial_scales": {k: v for o in optimizers
-                           for k, v in getattr(o, "initial_scales", {}).items()},
+        "initial_scales": {name: scale for o in optimizers for name, scale
+                           in getattr(o, "initial_scales", {}).items()},
     }
 
 
@@ -720,6 +720,8 @@ def summary(config, results):
                 "test_std": float(np.std(test)),
                 "val_curve": np.mean([r["val_loss"] for r in runs],
                                      0).tolist(),
+                "train_curve": np.mean([r["train_loss"] for r in runs],
+                                       0).tolist(),
                 "seconds": np.mean([r["seconds"] for r in runs], 0).tolist(),
                 "diverged": sum(r["diverged"] for r in runs),
                 "scaled_layers": len(runs[0]["initial_scales"]),
@@ -744,8 +746,8 @@ def report(config, results, command):
         "larger of their two standard deviations (below 0: BNP's loss is "
         "lower).", "",
         "| model | BNP (rate) | SGD (rate) | Adam (rate) | BNP vs SGD | "
-        "layers scaled | BNP, `initial_scaling=False` (rate) |",
-        "|---|---|---|---|---|---|---|",
+        "layers scaled | BNP, `initial_scaling=False` (rate) | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(entry):
@@ -768,13 +770,16 @@ def report(config, results, command):
                       for m in ("bnp", "sgd", "adam")]
             + [versus, str(bnp["scaled_layers"]) if bnp else "",
                cell(methods["bnp_unscaled"])
-               if "bnp_unscaled" in methods else ""]) + " |")
-    lines += ["", "Validation loss per epoch (mean over seeds) and the "
-              "cumulative training seconds at the last epoch:", ""]
+               if "bnp_unscaled" in methods else "",
+               str(len(bnp["seeds"])) if bnp else ""]) + " |")
+    lines += ["", "Validation loss per epoch (mean over seeds), the "
+              "training loss of the last epoch and the cumulative training "
+              "seconds at the last epoch:", ""]
     for name, methods in table.items():
         lines.append(f"- **{name}**: " + "; ".join(
             f"{method} " + ", ".join(f"{v:.4g}" for v in entry["val_curve"])
-            + f" ({entry['seconds'][-1]:.0f} s)"
+            + f" (training {entry['train_curve'][-1]:.4g}, "
+            f"{entry['seconds'][-1]:.0f} s)"
             for method, entry in methods.items()))
     return "\n".join(lines) + "\n"
 

@@ -73,10 +73,13 @@ def test_report_states_the_recorded_numbers(tiny_zoo):
                         if np.isfinite(sgd) else "SGD diverged")
     # The raw year and price columns: BNP's scaling acts on all 3 layers.
     assert cells[5] == "3"
-    curve = np.mean([r["val_loss"] for r in results if (
-        r["method"], r["learning_rate"]) == (
-        "sgd", float(cells[2].split("(")[1].split(")")[0]))], 0)
-    assert "sgd " + ", ".join(f"{v:.4g}" for v in curve) in text
+    assert cells[7] == "2"  # seeds
+    sgd_runs = [r for r in results if (r["method"], r["learning_rate"]) == (
+        "sgd", float(cells[2].split("(")[1].split(")")[0]))]
+    curve = np.mean([r["val_loss"] for r in sgd_runs], 0)
+    last = np.mean([r["train_loss"][-1] for r in sgd_runs])
+    assert ("sgd " + ", ".join(f"{v:.4g}" for v in curve)
+            + f" (training {last:.4g}, ") in text
     assert (out / "zoo.png").stat().st_size > 1000
 
 

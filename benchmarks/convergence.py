@@ -1,0 +1,203 @@
+"""BNP against BatchNorm trained to convergence: by default the VGG-style
+network of the deep suite on the bundled MNIST sample (7000 training
+images, 1000 held out), 8 epochs, SGD with momentum 0.9, validation
+accuracy after every epoch.
+
+    python -m benchmarks.benchmark --convergence --out-dir convergence_out
+    python -m benchmarks.benchmark --convergence --batch-size 128 \\
+        --out-dir convergence_bs128 [--variants] [--report-only]
+
+Learning rates are tuned on the first seed by the final validation
+accuracy, per method and schedule (cosine decay to 0, or constant); the
+other seeds then run at that rate. BatchNorm with momentum 0.9 (PyTorch's
+default) and 0.99 (Keras') train identically and differ only in the moving
+averages used for validation, so Keras' BatchNorm runs at the rate tuned
+for momentum 0.9. Last, with `--variants`, BNP with other damping and
+statistics momentum (`VARIANTS`) runs at its tuned cosine rate. Finished
+runs are added to `results.json` in `--out-dir` and skipped when the
+command runs again (so it can be stopped, resumed, and split across
+processes that share the folder one after the other); `report.md` holds
+the tables.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from benchmarks import _cli
+from benchmarks import experiment
+
+RATES = {"bnp": (0.003, 0.01, 0.03), "batchnorm90": (0.01, 0.03, 0.1)}
+DEFAULTS = {"task": "vgg", "train_size": 7000, "epochs": 8,
+            "batch_size": 32, "seeds": [0, 1, 2]}
+SCHEDULES = ("cosine", "constant")
+# BNP with other settings, at BNP's tuned cosine rate: can it hold its
+# early lead to the end?
+VARIANTS = {"bnp[epsilon=1]": {"epsilon": 1.0},
+            "bnp[epsilon=10]": {"epsilon": 10.0},
+            "bnp[statistics_momentum=0.9]": {"statistics_momentum": 0.9},
+            "bnp[statistics_momentum=0.999]": {"statistics_momentum": 0.999}}
+TARGETS = (0.95, 0.98, 0.99)
+
+
+def _key(method, schedule, rate, seed):
+    return f"{method}/{schedule}/{rate}/{seed}"
+
+
+def _final(record):
+    return record["progress"][-1][2]
+
+
+def tuned_rate(results, method, schedule, seed):
+    """The rate of `RATES[method]` with the best final validation accuracy
+    on `seed` (ties: the smaller rate); None until all have run."""
+    runs = {r: results.get(_key(method, schedule, r, seed))
+            for r in RATES[method]}
+    if None in runs.values():
+        return None
+    return max(sorted(runs), key=lambda r: _final(runs[r]))
+
+
+def plan(results, config, variants):
+    """The runs still to do, in order: each rate of the grid on the first
+    seed, then the other seeds at the tuned rate, Keras' BatchNorm at
+    BatchNorm-0.9's cosine rate, and, with `variants`, BNP's
+    `VARIANTS`."""
+    first, *others = config["seeds"]
+    todo = [(method, schedule, r, first) for schedule in SCHEDULES
+            for method in RATES for r in RATES[method]]
+    for schedule in SCHEDULES:
+        for method in RATES:
+            rate = tuned_rate(results, method, schedule, first)
+            if rate is not None:
+                todo += [(method, schedule, rate, s) for s in others]
+    rate = tuned_rate(results, "batchnorm90", "cosine", first)
+    if rate is not None:
+        todo += [("batchnorm", "cosine", rate, s) for s in config["seeds"]]
+    rate = tuned_rate(results, "bnp", "cosine", first)
+    if variants and rate is not None:
+        todo += [(variant, "cosine", rate, seed) for seed in config["seeds"]
+                 for variant in VARIANTS]
+    return [run for run in todo if _key(*run) not in results]
+
+
+def _mean_std(values):
+    """`mean ± standard deviation`, or the value alone."""
+    text = f"{np.mean(values):.4f}"
+    return text + f" ± {np.std(values):.4f}" if len(values) > 1 else text
+
+
+def epochs_shown(epochs):
+    """Epochs 1, 2, 4, 8, ... up to the last, and the last."""
+    shown = [e for e in (2 ** i for i in range(epochs.bit_length()))
+             if e < epochs]
+    return shown + [epochs]
+
+
+def report(results, config, command):
+    """The study's report in Markdown: every method, schedule and rate
+    run, then the time to each of `TARGETS` at the tuned rates."""
+    shown = epochs_shown(config["epochs"])
+    lines = [
+        f"# Convergence study: {config['task']}, batch size "
+        f"{config['batch_size']}, {config['epochs']} epochs", "",
+        f"Command: `{command}`", "",
+        f"{config['train_size']} training images. Validation accuracy "
+        f"after epochs {', '.join(map(str, shown))}, and test accuracy, "
+        "mean ± standard deviation over seeds; then the time to "
+        + ", ".join(f"{t:.0%}" for t in TARGETS) + " of the best final "
+        "accuracy (epoch, training seconds) at each tuned rate with every "
+        "seed (\"-\": a seed never reached it).", "",
+        "| method | schedule | rate | seeds | "
+        + " | ".join(f"epoch {e}" for e in shown) + " | test |",
+        "|---" * (5 + len(shown)) + "|"]
+    rows = {}
+    for key, record in results.items():
+        method, schedule, rate, _ = key.split("/")
+        rows.setdefault((method, schedule, float(rate)), []).append(record)
+    for (method, schedule, rate), records in sorted(rows.items()):
+        cells = [_mean_std([r["progress"][epoch - 1][2] for r in records])
+                 for epoch in shown]
+        cells.append(_mean_std([r["test_accuracy"] for r in records]))
+        lines.append(f"| {method} | {schedule} | {rate:g} | {len(records)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + _to_targets(rows, config) + "\n"
+
+
+def _to_targets(rows, config):
+    """Per method and schedule at its tuned rate with every seed: the
+    epoch and the training seconds at which validation accuracy first
+    reached each of `TARGETS` times the best method's mean final accuracy,
+    the mean over seeds ("-" where a seed never did)."""
+    tuned = {key: records for key, records in rows.items()
+             if len(records) == len(config["seeds"])}
+    if not tuned:
+        return ""
+    best = max(np.mean([_final(r) for r in records])
+               for records in tuned.values())
+    lines = ["| method | " + " | ".join(
+        f"{f:.0%} ({f * best:.4f}): epoch, seconds" for f in TARGETS)
+        + " |", "|---" * (1 + len(TARGETS)) + "|"]
+    for (method, schedule, rate), records in sorted(tuned.items()):
+        cells = []
+        for fraction in TARGETS:
+            reached = [next(((i + 1, p[1]) for i, p in enumerate(
+                r["progress"]) if p[2] >= fraction * best), None)
+                for r in records]
+            cells.append("-" if None in reached else
+                         f"{np.mean([e for e, _ in reached]):.1f}, "
+                         f"{np.mean([t for _, t in reached]):.0f}")
+        lines.append(f"| {method} ({schedule}, {rate:g}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.benchmark --convergence",
+        description=__doc__, formatter_class=_cli.HelpFormatter)
+    parser.add_argument("--out-dir", default="convergence_out")
+    parser.add_argument("--task", default=DEFAULTS["task"],
+                        choices=["mlp", "cnn", "deep_mlp", "vgg", "resnet"])
+    parser.add_argument("--batch-size", type=int,
+                        default=DEFAULTS["batch_size"])
+    parser.add_argument("--train-size", type=int,
+                        default=DEFAULTS["train_size"])
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        default=DEFAULTS["seeds"],
+                        help="seeds; the first tunes the learning rate")
+    parser.add_argument("--variants", action="store_true",
+                        help="also run BNP's VARIANTS")
+    parser.add_argument("--report-only", action="store_true",
+                        help="report the runs in --out-dir, running nothing")
+    args = parser.parse_args(argv)
+    config = {name: getattr(args, name) for name in DEFAULTS}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    while not args.report_only and (
+            todo := plan(results, config, args.variants)):
+        method, schedule, rate, seed = todo[0]
+        record = experiment.run(
+            "bnp" if method in VARIANTS else method, config["batch_size"],
+            rate, task=config["task"], train_size=config["train_size"],
+            epochs=config["epochs"], progress_points=config["epochs"],
+            seed=seed, schedule=schedule, bnp_options=VARIANTS.get(method))
+        results[_key(method, schedule, rate, seed)] = record
+        with open(path, "w") as f:
+            json.dump(results, f)
+        print(f"{method} {schedule} {rate} seed {seed}: validation "
+              f"{_final(record):.4f} after {record['seconds']:.0f} s",
+              flush=True)
+    command = "python -m benchmarks.benchmark --convergence " + " ".join(
+        a for a in (argv if argv is not None else [])
+        if a != "--report-only")
+    with open(os.path.join(args.out_dir, "report.md"), "w") as f:
+        f.write(report(results, config, command.strip()))
+    print(f"Wrote {args.out_dir}/report.md")

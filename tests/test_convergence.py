@@ -1,0 +1,102 @@
+"""The convergence study: a tiny configuration run through the benchmark
+command, its plan and report checked against the runs it recorded."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import benchmark
+from benchmarks import convergence
+
+# End-to-end runs of the tools: in the full tier only.
+pytestmark = pytest.mark.slow
+
+RATES = {"bnp": (0.003, 0.03), "batchnorm90": (0.01, 0.1)}
+ARGS = ["--task", "mlp", "--train-size", "64", "--epochs", "3",
+        "--seeds", "0", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convergence")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convergence, "RATES", RATES)
+        benchmark.main(["--convergence", *ARGS, "--out-dir", str(out)])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _accuracy(record, epoch):
+    return record["progress"][epoch - 1][2]
+
+
+def test_every_run_is_recorded_once_with_the_tuned_rate_for_seed_1(
+        tiny_study):
+    _, results = tiny_study
+    expected = set()
+    for schedule in ("cosine", "constant"):
+        for method, rates in RATES.items():
+            expected |= {f"{method}/{schedule}/{r}/0" for r in rates}
+            # Re-derived: the best final validation accuracy on seed 0.
+            best = max(rates, key=lambda r: (_accuracy(
+                results[f"{method}/{schedule}/{r}/0"], 3), -r))
+            expected.add(f"{method}/{schedule}/{best}/1")
+            if (method, schedule) == ("batchnorm90", "cosine"):
+                expected |= {f"batchnorm/cosine/{best}/{s}" for s in (0, 1)}
+    assert set(results) == expected
+    for key, record in results.items():
+        method, schedule, rate, seed = key.split("/")
+        assert (record["method"], record["schedule"], record["seed"],
+                record["learning_rate"], record["epochs"],
+                record["train_size"], record["batch_size"]) == (
+            method, schedule, int(seed), float(rate), 3, 64, 32)
+        assert [p[0] for p in record["progress"]] == [2, 4, 6]  # steps
+
+
+def test_report_states_the_recorded_numbers(tiny_study):
+    out, results = tiny_study
+    text = (out / "report.md").read_text()
+    assert ("Command: `python -m benchmarks.benchmark --convergence "
+            + " ".join(ARGS) + f" --out-dir {out}`") in text
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[3] in ("1", "2"):
+            rows[tuple(cells[:3])] = cells[3:]
+    assert len(rows) == 9  # the grid on seed 0, and Keras' BatchNorm
+    for (method, schedule, rate), cells in rows.items():
+        records = [r for k, r in results.items()
+                   if k.startswith(f"{method}/{schedule}/{float(rate)}/")]
+        assert cells[0] == str(len(records))
+        for cell, epoch in zip(cells[1:4], (1, 2, 3)):
+            values = [_accuracy(r, epoch) for r in records]
+            assert cell == (f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+                            if len(values) == 2 else f"{values[0]:.4f}")
+    # Time to target: BatchNorm(0.99)'s row, re-derived from its runs.
+    tuned = {}
+    for key, record in results.items():
+        method, schedule, rate, _ = key.split("/")
+        tuned.setdefault((method, schedule, rate), []).append(record)
+    tuned = {k: v for k, v in tuned.items() if len(v) == 2}
+    best = max(np.mean([_accuracy(r, 3) for r in v]) for v in tuned.values())
+    (key, records), = [(k, v) for k, v in tuned.items()
+                       if k[0] == "batchnorm"]
+    cells = []
+    for fraction in (0.95, 0.98, 0.99):
+        hits = [next(((e + 1, p[1]) for e, p in enumerate(r["progress"])
+                      if p[2] >= fraction * best), None) for r in records]
+        cells.append("-" if None in hits else
+                     f"{np.mean([h[0] for h in hits]):.1f}, "
+                     f"{np.mean([h[1] for h in hits]):.0f}")
+    assert (f"| batchnorm (cosine, {float(key[2]):g}) | "
+            + " | ".join(cells) + " |") in text
+
+
+def test_report_only_reproduces_the_report(tiny_study, monkeypatch):
+    out, _ = tiny_study
+    before = (out / "report.md").read_text()
+    monkeypatch.setattr(convergence, "RATES", RATES)
+    monkeypatch.setattr(convergence.experiment, "run",
+                        lambda *a, **k: pytest.fail("ran"))
+    convergence.main([*ARGS, "--out-dir", str(out), "--report-only"])
+    assert (out / "report.md").read_text() == before
