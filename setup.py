@@ -97,7 +97,8 @@ setup(
             "build",
             "setuptools>=77",
         ],
-        "benchmark": ["matplotlib"],
+        # The zoo's keras-hub models need keras-hub.
+        "benchmark": ["matplotlib", "keras-hub"],
         # What the notebooks use beside keras_bnp.
         "notebooks": DATA + ["matplotlib"],
     },

@@ -68,22 +68,20 @@ def _digits(train_size, seed, size=28, colour=False):
     return out
 
 
-def _mobilenet_v3_small(train_size, seed):
-    import keras
+def _application(constructor):
+    """A builder of `keras.applications.<constructor>(weights=None,
+    classes=10, input_shape=(32, 32, 3))`, its own softmax head and
+    preprocessing, on the coloured 32x32 digits."""
 
-    model = keras.applications.MobileNetV3Small(
-        weights=None, classes=10, input_shape=(32, 32, 3))
-    return model, "sparse_categorical_crossentropy", _digits(
-        train_size, seed, 32, colour=True)
+    def build(train_size, seed):
+        import keras
 
+        model = getattr(keras.applications, constructor)(
+            weights=None, classes=10, input_shape=(32, 32, 3))
+        return model, "sparse_categorical_crossentropy", _digits(
+            train_size, seed, 32, colour=True)
 
-def _efficientnet_v2_b0(train_size, seed):
-    import keras
-
-    model = keras.applications.EfficientNetV2B0(
-        weights=None, classes=10, input_shape=(32, 32, 3))
-    return model, "sparse_categorical_crossentropy", _digits(
-        train_size, seed, 32, colour=True)
+    return build
 
 
 def _siamese(train_size, seed):
@@ -540,8 +538,12 @@ def _wgan_gp(train_size, seed, latent=64):
 
 # name: builder(train_size, seed) -> (model, loss, [train, val, test]).
 MODELS = {
-    "mobilenet_v3_small": _mobilenet_v3_small,
-    "efficientnet_v2_b0": _efficientnet_v2_b0,
+    "mobilenet_v3_small": _application("MobileNetV3Small"),
+    "mobilenet_v3_large": _application("MobileNetV3Large"),
+    "efficientnet_v2_b0": _application("EfficientNetV2B0"),
+    "resnet50_v2": _application("ResNet50V2"),
+    "convnext_tiny": _application("ConvNeXtTiny"),
+    "nasnet_mobile": _application("NASNetMobile"),
     "siamese": _siamese,
     "conv1d_timeseries": _conv1d_timeseries,
     "convlstm_next_frame": _convlstm_next_frame,
@@ -553,6 +555,9 @@ MODELS = {
     "vae": _vae,
     "wgan_gp": _wgan_gp,
 }
+
+# The models that need keras-hub (in the `benchmark` extra).
+KERAS_HUB = ("distilbert_text", "bart_reverse", "vit_image")
 
 
 def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
@@ -595,7 +600,7 @@ def run(name, method, learning_rate, seed=0, train_size=2000, epochs=6,
         "val_loss": history.history["val_loss"],
         "seconds": clock.seconds, "test_loss": test_loss,
         "diverged": not all(math.isfinite(v) for v in losses),
-        "initial_scales": {name: scale for o in optimizers for name, scale
+        "initial_scales": {layer: scale for o in optimizers for layer, scale
                            in getattr(o, "initial_scales", {}).items()},
     }
 
@@ -831,6 +836,8 @@ def main(argv=None):
                         help="report the runs in --out-dir, running nothing")
     args = parser.parse_args(argv)
     _cli.require("matplotlib", "benchmark", "the zoo's plot")
+    if set(args.models) & set(KERAS_HUB):
+        _cli.require("keras_hub", "benchmark", "the zoo's keras-hub models")
     config = {"models": args.models, "methods": args.methods,
               "seeds": args.seeds, "train_size": args.train_size,
               "epochs": args.epochs}

@@ -51,8 +51,10 @@ def test_help_shows_defaults_without_importing_tensorflow(command):
     "main, argv, missing, extra",
     [(benchmark.main, [], "matplotlib", "benchmark"),
      (benchmark.main, ["--data", "tfds"], "tensorflow_datasets", "data"),
-     (experiment.main, ["--source", "tfds"], "tensorflow_datasets", "data")],
-    ids=["benchmark", "benchmark-tfds", "experiment-tfds"])
+     (experiment.main, ["--source", "tfds"], "tensorflow_datasets", "data"),
+     (benchmark.main, ["--zoo", "--models", "tabular", "vit_image"],
+      "keras_hub", "benchmark")],
+    ids=["benchmark", "benchmark-tfds", "experiment-tfds", "zoo-keras-hub"])
 def test_missing_extra_stops_before_any_run(main, argv, missing, extra,
                                             tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
