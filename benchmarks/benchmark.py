@@ -22,7 +22,6 @@ the first run.
 import argparse
 import concurrent.futures
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -160,22 +159,10 @@ def _beyond_edge(config, results, task, method, batch_size):
     best = _tuned(runs, task, method, batch_size)[0]["learning_rate"]
     steps = config["edge_steps"]
     if best == rates[0] and sum(lr < min(grid) for lr in rates) < steps:
-        return [next_rate(best, down=True)]
+        return [experiment.next_rate(best, down=True)]
     if best == rates[-1] and sum(lr > max(grid) for lr in rates) < steps:
-        return [next_rate(best, down=False)]
+        return [experiment.next_rate(best, down=False)]
     return []
-
-
-def next_rate(rate, down):
-    """The neighbour of `rate` in the sequence ..., 0.001, 0.003, 0.01,
-    0.03, ... (rates of one significant digit, 1 or 3)."""
-    exponent = math.floor(math.log10(rate) + 1e-9)
-    first = round(rate / 10 ** exponent)
-    if down:
-        value = (3, exponent - 1) if first == 1 else (1, exponent)
-    else:
-        value = (3, exponent) if first == 1 else (1, exponent + 1)
-    return float(f"{value[0]}e{value[1]}")
 
 
 def _run_all(config, runs, results, save, log):

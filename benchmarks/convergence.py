@@ -1,23 +1,23 @@
-"""BNP against BatchNorm trained to convergence: by default the VGG-style
-network of the deep suite on the bundled MNIST sample (7000 training
-images, 1000 held out), 8 epochs, SGD with momentum 0.9, validation
-accuracy after every epoch.
+"""BNP against normalization layers trained to convergence: by default
+the VGG-style network of the deep suite on the bundled MNIST sample (7000
+training images, 1000 held out), 8 epochs, SGD with momentum 0.9,
+validation accuracy after every epoch.
 
     python -m benchmarks.benchmark --convergence --out-dir convergence_out
     python -m benchmarks.benchmark --convergence --batch-size 128 \\
         --out-dir convergence_bs128 [--variants] [--report-only]
 
-Learning rates are tuned on the first seed by the final validation
-accuracy, per method and schedule (cosine decay to 0, or constant); the
-other seeds then run at that rate. BatchNorm with momentum 0.9 (PyTorch's
-default) and 0.99 (Keras') train identically and differ only in the moving
-averages used for validation, so Keras' BatchNorm runs at the rate tuned
-for momentum 0.9. Last, with `--variants`, BNP with other damping and
+Learning rates are tuned on the first seed by the final validation accuracy,
+per method and schedule (cosine decay to 0, or constant), over `RATES` and
+up to two rates beyond the grid while the best is at its edge; the other
+seeds then run at that rate. BatchNorm with momentum 0.9 (PyTorch's default,
+`batchnorm90`) and 0.99 (Keras') train identically and differ only in the
+moving averages used for validation, so Keras' BatchNorm runs at the rate
+tuned for momentum 0.9. Last, with `--variants`, BNP with other damping and
 statistics momentum (`VARIANTS`) runs at its tuned cosine rate. Finished
-runs are added to `results.json` in `--out-dir` and skipped when the
-command runs again (so it can be stopped, resumed, and split across
-processes that share the folder one after the other); `report.md` holds
-the tables.
+runs are added to `results.json` in `--out-dir` and skipped when the command
+runs again (so it can be stopped, resumed, and split across processes that
+share the folder one after the other); `report.md` holds the tables.
 """
 
 import argparse
@@ -29,10 +29,14 @@ import numpy as np
 from benchmarks import _cli
 from benchmarks import experiment
 
-RATES = {"bnp": (0.003, 0.01, 0.03), "batchnorm90": (0.01, 0.03, 0.1)}
+RATES = {"bnp": (0.003, 0.01, 0.03), "sgd": (0.003, 0.01, 0.03),
+         "batchnorm90": (0.01, 0.03, 0.1), "batchrenorm": (0.01, 0.03, 0.1),
+         "layernorm": (0.01, 0.03, 0.1), "groupnorm": (0.01, 0.03, 0.1),
+         "adam": (0.0003, 0.001, 0.003), "adamw": (0.0003, 0.001, 0.003)}
 DEFAULTS = {"task": "vgg", "train_size": 7000, "epochs": 8,
-            "batch_size": 32, "seeds": [0, 1, 2]}
-SCHEDULES = ("cosine", "constant")
+            "batch_size": 32, "seeds": [0, 1, 2],
+            "methods": ["bnp", "batchnorm90"],
+            "schedules": ["cosine", "constant"]}
 # BNP with other settings, at BNP's tuned cosine rate: can it hold its
 # early lead to the end?
 VARIANTS = {"bnp[epsilon=1]": {"epsilon": 1.0},
@@ -40,6 +44,8 @@ VARIANTS = {"bnp[epsilon=1]": {"epsilon": 1.0},
             "bnp[statistics_momentum=0.9]": {"statistics_momentum": 0.9},
             "bnp[statistics_momentum=0.999]": {"statistics_momentum": 0.999}}
 TARGETS = (0.95, 0.98, 0.99)
+# How many rates past the grid's edge the tuning may go.
+EDGE_STEPS = 2
 
 
 def _key(method, schedule, rate, seed):
@@ -50,14 +56,33 @@ def _final(record):
     return record["progress"][-1][2]
 
 
-def tuned_rate(results, method, schedule, seed):
-    """The rate of `RATES[method]` with the best final validation accuracy
-    on `seed` (ties: the smaller rate); None until all have run."""
-    runs = {r: results.get(_key(method, schedule, r, seed))
-            for r in RATES[method]}
+def rates_to_try(results, method, schedule, seed):
+    """`RATES[method]`, and up to `EDGE_STEPS` rates of the 1-3-10
+    sequence beyond it while the best on `seed` is at an edge."""
+    rates = sorted(RATES[method])
+    for _ in range(EDGE_STEPS):
+        best = _best(results, method, schedule, seed, rates)
+        if best is None or best not in (rates[0], rates[-1]):
+            break
+        down = best == rates[0]
+        rates.insert(0 if down else len(rates),
+                     experiment.next_rate(best, down))
+    return rates
+
+
+def _best(results, method, schedule, seed, rates):
+    """The rate of `rates` with the best final validation accuracy on
+    `seed` (ties: the smaller rate); None until all have run."""
+    runs = {r: results.get(_key(method, schedule, r, seed)) for r in rates}
     if None in runs.values():
         return None
     return max(sorted(runs), key=lambda r: _final(runs[r]))
+
+
+def tuned_rate(results, method, schedule, seed):
+    """The best of `rates_to_try` once they have all run, else None."""
+    return _best(results, method, schedule, seed,
+                 rates_to_try(results, method, schedule, seed))
 
 
 def plan(results, config, variants):
@@ -66,16 +91,19 @@ def plan(results, config, variants):
     BatchNorm-0.9's cosine rate, and, with `variants`, BNP's
     `VARIANTS`."""
     first, *others = config["seeds"]
-    todo = [(method, schedule, r, first) for schedule in SCHEDULES
-            for method in RATES for r in RATES[method]]
-    for schedule in SCHEDULES:
-        for method in RATES:
+    methods, schedules = config["methods"], config["schedules"]
+    todo = [(method, schedule, r, first) for schedule in schedules
+            for method in methods
+            for r in rates_to_try(results, method, schedule, first)]
+    for schedule in schedules:
+        for method in methods:
             rate = tuned_rate(results, method, schedule, first)
             if rate is not None:
                 todo += [(method, schedule, rate, s) for s in others]
-    rate = tuned_rate(results, "batchnorm90", "cosine", first)
-    if rate is not None:
-        todo += [("batchnorm", "cosine", rate, s) for s in config["seeds"]]
+    rate = tuned_rate(results, "batchnorm90", schedules[0], first)
+    if "batchnorm90" in methods and rate is not None:
+        todo += [("batchnorm", schedules[0], rate, s)
+                 for s in config["seeds"]]
     rate = tuned_rate(results, "bnp", "cosine", first)
     if variants and rate is not None:
         todo += [(variant, "cosine", rate, seed) for seed in config["seeds"]
@@ -169,6 +197,15 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int,
                         default=DEFAULTS["seeds"],
                         help="seeds; the first tunes the learning rate")
+    parser.add_argument("--methods", nargs="+", choices=list(RATES),
+                        default=DEFAULTS["methods"],
+                        help="methods to compare (Keras' BatchNorm, "
+                        "momentum 0.99, runs with batchnorm90)")
+    parser.add_argument("--schedules", nargs="+",
+                        choices=["cosine", "constant"],
+                        default=DEFAULTS["schedules"],
+                        help="learning-rate schedules; Keras' BatchNorm "
+                        "runs with the first")
     parser.add_argument("--variants", action="store_true",
                         help="also run BNP's VARIANTS")
     parser.add_argument("--report-only", action="store_true",

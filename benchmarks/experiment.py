@@ -257,6 +257,18 @@ def _progress(x, y, every):
     return Progress()
 
 
+def next_rate(rate, down):
+    """The neighbour of `rate` in the sequence ..., 0.001, 0.003, 0.01,
+    0.03, ... (rates of one significant digit, 1 or 3)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    first = round(rate / 10 ** exponent)
+    if down:
+        value = (3, exponent - 1) if first == 1 else (1, exponent)
+    else:
+        value = (3, exponent) if first == 1 else (1, exponent + 1)
+    return float(f"{value[0]}e{value[1]}")
+
+
 def run(
     method,
     batch_size,

@@ -660,7 +660,7 @@ def sweep(config, results, save, log=print):
     `RATES` on the first seed, and up to `EDGE_STEPS` rates of the
     1-3-10 sequence beyond the grid while the best is at its edge; then
     the other seeds at the tuned rate."""
-    from benchmarks.benchmark import next_rate
+    from benchmarks.experiment import next_rate
 
     done = {_key(r) for r in results}
     size, epochs = config["train_size"], config["epochs"]
