@@ -437,6 +437,19 @@ def _vae(train_size, seed):
     return VAE(), None, _images(train_size, seed)
 
 
+def sliced_wasserstein(a, b, directions):
+    """The mean over `directions` (columns) of the 1-Wasserstein distance
+    between the projections of the equally many examples `a` and `b`
+    (flattened): the mean absolute difference of the sorted projections."""
+    from keras import ops
+
+    def projected(x):
+        return ops.sort(ops.reshape(x, (ops.shape(x)[0], -1)) @ directions,
+                        axis=0)
+
+    return ops.mean(ops.abs(projected(a) - projected(b)))
+
+
 def _wgan_gp(train_size, seed, latent=64):
     """keras-io's "WGAN-GP": a convolutional critic (LeakyReLU, Dropout, no
     normalization) and an upsampling generator with BatchNorm, three critic
@@ -496,11 +509,9 @@ def _wgan_gp(train_size, seed, latent=64):
             return keras.random.normal((n, latent), seed=self.seed)
 
         def score(self, real):
-            n = ops.shape(real)[0]
-            fake = self.generator(self.noise(n), training=False)
-            real = ops.sort(ops.reshape(real, (n, 784)) @ directions, axis=0)
-            fake = ops.sort(ops.reshape(fake, (n, 784)) @ directions, axis=0)
-            return ops.mean(ops.abs(real - fake))
+            fake = self.generator(self.noise(ops.shape(real)[0]),
+                                  training=False)
+            return sliced_wasserstein(real, fake, directions)
 
         def train_step(self, data):
             real, _, _ = keras.utils.unpack_x_y_sample_weight(data)

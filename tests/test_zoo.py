@@ -92,3 +92,17 @@ def test_report_only_reproduces_the_report(tiny_zoo, monkeypatch):
               "96", "--epochs", "2", "--out-dir", str(out), "--report-only"])
     after = (out / "report.md").read_text()
     assert after.split("\n", 3)[3] == before.split("\n", 3)[3]
+
+
+def test_sliced_wasserstein_distance_by_hand():
+    a = np.array([[0.0, 0.0], [1.0, 1.0]], "float32")
+    b = np.array([[3.0, 3.0], [0.0, 0.0]], "float32")
+    axes = np.eye(2, dtype="float32")
+    # Along each axis: {0, 1} against {0, 3}, sorted: |0-0| and |1-3|.
+    assert float(zoo.sliced_wasserstein(a, b, axes)) == pytest.approx(1.0)
+    # The diagonal: {0, sqrt 2} against {0, 3 sqrt 2}: |2 sqrt 2| / 2.
+    diagonal = np.array([[1.0], [1.0]], "float32") / np.sqrt(2.0)
+    assert float(zoo.sliced_wasserstein(a, b, diagonal)) == pytest.approx(
+        np.sqrt(2.0), rel=1e-6)
+    # The order of the examples does not matter.
+    assert float(zoo.sliced_wasserstein(a, a[::-1], axes)) == 0.0
