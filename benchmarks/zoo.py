@@ -728,6 +728,10 @@ def summary(config, results):
                 name, method, rate) and r["seed"] in config["seeds"]
                 and r["epochs"] == config["epochs"]
                 and r["train_size"] == config["train_size"]]
+            tried = [r["learning_rate"] for r in results if (
+                r["model"], r["method"], r["seed"], r["train_size"],
+                r["epochs"]) == (name, method, first, config["train_size"],
+                                 config["epochs"])]
             test = np.array([r["test_loss"] for r in runs], "float64")
             table[name][method] = {
                 "learning_rate": rate,
@@ -741,6 +745,8 @@ def summary(config, results):
                 "seconds": np.mean([r["seconds"] for r in runs], 0).tolist(),
                 "diverged": sum(r["diverged"] for r in runs),
                 "scaled_layers": len(runs[0]["initial_scales"]),
+                # The best rate tried is the smallest or the largest.
+                "at_edge": rate in (min(tried), max(tried)),
             }
     return table
 
@@ -758,9 +764,10 @@ def report(config, results, command):
         "validation loss, then seeds "
         f"{', '.join(map(str, config['seeds'][1:])) or '(none)'} at that "
         "rate. Test loss (lower is better): mean ± standard deviation over "
-        "the seeds. 'vs SGD' is BNP's mean minus SGD's, in units of the "
-        "larger of their two standard deviations (below 0: BNP's loss is "
-        "lower).", "",
+        "the seeds; 'edge': the tuned rate is the smallest or largest "
+        "tried, so a rate beyond it might do better. 'vs SGD' is BNP's "
+        "mean minus SGD's, in units of the larger of their two standard "
+        "deviations (below 0: BNP's loss is lower).", "",
         "| model | BNP (rate) | SGD (rate) | Adam (rate) | BNP vs SGD | "
         "layers scaled | BNP, `initial_scaling=False` (rate) | seeds |",
         "|---|---|---|---|---|---|---|---|",
@@ -768,7 +775,7 @@ def report(config, results, command):
 
     def cell(entry):
         text = (f"{entry['test_mean']:.4g} ± {entry['test_std']:.2g} "
-                f"({entry['learning_rate']:g})")
+                f"({entry['learning_rate']:g}{', edge' * entry['at_edge']})")
         return text + (f"; diverged {entry['diverged']}"
                        if entry["diverged"] else "")
 

@@ -53,6 +53,11 @@ def test_seeds_after_the_first_run_at_its_best_rate(tiny_zoo):
             assert np.all(np.diff(run["seconds"]) > 0)
 
 
+def _rate(cell):
+    """The learning rate in a report cell: `mean ± std (rate[, edge])`."""
+    return float(cell.split("(")[1].split(")")[0].split(",")[0])
+
+
 def test_report_states_the_recorded_numbers(tiny_zoo):
     out, results, _ = tiny_zoo
     text = (out / "report.md").read_text()
@@ -61,7 +66,10 @@ def test_report_states_the_recorded_numbers(tiny_zoo):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     means = {}
     for column, method in zip(cells[1:4], ("bnp", "sgd", "adam")):
-        rate = float(column.split("(")[1].split(")")[0])
+        rate = _rate(column)
+        tried = [r["learning_rate"] for r in results
+                 if (r["method"], r["seed"]) == (method, 0)]
+        assert (", edge)" in column) == (rate in (min(tried), max(tried)))
         test = np.array([r["test_loss"] for r in results if (
             r["method"], r["learning_rate"]) == (method, rate)])
         assert len(test) == 2  # seed 0 and seed 1 at the tuned rate
@@ -75,7 +83,7 @@ def test_report_states_the_recorded_numbers(tiny_zoo):
     assert cells[5] == "3"
     assert cells[7] == "2"  # seeds
     sgd_runs = [r for r in results if (r["method"], r["learning_rate"]) == (
-        "sgd", float(cells[2].split("(")[1].split(")")[0]))]
+        "sgd", _rate(cells[2]))]
     curve = np.mean([r["val_loss"] for r in sgd_runs], 0)
     last = np.mean([r["train_loss"][-1] for r in sgd_runs])
     assert ("sgd " + ", ".join(f"{v:.4g}" for v in curve)
