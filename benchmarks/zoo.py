@@ -34,8 +34,9 @@ RATES = {"bnp": (0.003, 0.01, 0.03, 0.1), "sgd": (0.003, 0.01, 0.03, 0.1),
          "bnp_unscaled": (0.003, 0.01, 0.03, 0.1)}
 DEFAULTS = {"seeds": [0, 1], "train_size": 2000, "epochs": 6}
 # Models whose loss is a sum over pixels (the VAE) or carries a gradient
-# penalty (the WGAN-GP): the SGD-based methods' grids are scaled down.
-RATE_SCALE = {"vae": 0.01, "wgan_gp": 0.01}
+# penalty (the WGAN-GP), and the ViT, whose best rates for SGD and BNP were
+# below the first grid: the SGD-based methods' grids are scaled down.
+RATE_SCALE = {"vae": 0.01, "wgan_gp": 0.01, "vit_image": 0.1}
 # Adam as the model's source configures it (keras-io's WGAN-GP).
 ADAM = {"wgan_gp": {"beta_1": 0.5, "beta_2": 0.9}}
 # How many rates past the grid's edge the tuning may go.
