@@ -154,15 +154,11 @@ def _beyond_edge(config, results, task, method, batch_size):
                                                      batch_size)]
     if not runs:
         return []
-    rates = sorted({r["learning_rate"] for r in runs})
-    grid = learning_rates(method, config)
-    best = _tuned(runs, task, method, batch_size)[0]["learning_rate"]
-    steps = config["edge_steps"]
-    if best == rates[0] and sum(lr < min(grid) for lr in rates) < steps:
-        return [experiment.next_rate(best, down=True)]
-    if best == rates[-1] and sum(lr > max(grid) for lr in rates) < steps:
-        return [experiment.next_rate(best, down=False)]
-    return []
+    rate = experiment.beyond_edge(
+        learning_rates(method, config), {r["learning_rate"] for r in runs},
+        _tuned(runs, task, method, batch_size)[0]["learning_rate"],
+        config["edge_steps"])
+    return [] if rate is None else [rate]
 
 
 def _run_all(config, runs, results, save, log):

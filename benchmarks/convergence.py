@@ -60,13 +60,11 @@ def rates_to_try(results, method, schedule, seed):
     """`RATES[method]`, and up to `EDGE_STEPS` rates of the 1-3-10
     sequence beyond it while the best on `seed` is at an edge."""
     rates = sorted(RATES[method])
-    for _ in range(EDGE_STEPS):
-        best = _best(results, method, schedule, seed, rates)
-        if best is None or best not in (rates[0], rates[-1]):
+    while (best := _best(results, method, schedule, seed, rates)) is not None:
+        rate = experiment.beyond_edge(RATES[method], rates, best, EDGE_STEPS)
+        if rate is None:
             break
-        down = best == rates[0]
-        rates.insert(0 if down else len(rates),
-                     experiment.next_rate(best, down))
+        rates = sorted(rates + [rate])
     return rates
 
 

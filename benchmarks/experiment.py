@@ -269,6 +269,19 @@ def next_rate(rate, down):
     return float(f"{value[0]}e{value[1]}")
 
 
+def beyond_edge(grid, tried, best, steps):
+    """The rate to try next past the edge of the rates `tried` (a learning
+    rate grid `grid` and the rates already added beyond it), when `best` is
+    that edge and fewer than `steps` rates lie beyond `grid` on that side;
+    else None."""
+    tried = sorted(tried)
+    if best == tried[0] and sum(r < min(grid) for r in tried) < steps:
+        return next_rate(best, down=True)
+    if best == tried[-1] and sum(r > max(grid) for r in tried) < steps:
+        return next_rate(best, down=False)
+    return None
+
+
 def run(
     method,
     batch_size,

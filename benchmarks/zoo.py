@@ -672,7 +672,7 @@ def sweep(config, results, save, log=print):
     `RATES` on the first seed, and up to `EDGE_STEPS` rates of the
     1-3-10 sequence beyond the grid while the best is at its edge; then
     the other seeds at the tuned rate."""
-    from benchmarks.experiment import next_rate
+    from benchmarks.experiment import beyond_edge
 
     done = {_key(r) for r in results}
     size, epochs = config["train_size"], config["epochs"]
@@ -693,18 +693,12 @@ def sweep(config, results, save, log=print):
     for name in config["models"]:
         for method in config["methods"]:
             rates = grid(name, method)
-            for _ in range(EDGE_STEPS + 1):
+            while rates:
                 for rate in rates:
                     ensure(name, method, rate, first)
-                best = tuned_rate(results, name, method, first, config)
-                if best == rates[-1] and len(rates) < len(
-                        grid(name, method)) + EDGE_STEPS:
-                    rates.append(next_rate(best, down=False))
-                elif best == rates[0] and len(rates) < len(
-                        grid(name, method)) + EDGE_STEPS:
-                    rates.insert(0, next_rate(best, down=True))
-                else:
-                    break
+                rate = beyond_edge(grid(name, method), rates, tuned_rate(
+                    results, name, method, first, config), EDGE_STEPS)
+                rates = [] if rate is None else sorted(rates + [rate])
             for seed in others:
                 ensure(name, method, tuned_rate(
                     results, name, method, first, config), seed)

@@ -13,6 +13,9 @@ from benchmarks import zoo
 pytestmark = pytest.mark.slow
 
 
+SEQUENCE = [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo")
@@ -39,13 +42,18 @@ def test_seeds_after_the_first_run_at_its_best_rate(tiny_zoo):
                 if np.isfinite(first[rate]["val_loss"][-1]) else np.inf,
                 rate))
 
-        # The grid, and one rate past the edge where the grid's best was.
-        edge = best(grid)
-        beyond = ([edge * 3 if str(edge).lstrip("0.").startswith("1")
-                   else edge * 10 / 3] if edge == max(grid) else
-                  [edge / 3 if str(edge).lstrip("0.").startswith("3")
-                   else edge * 3 / 10])
-        assert sorted(first) == pytest.approx(sorted([*grid, *beyond]))
+        # The grid, and at most one rate past each edge while the best is
+        # there (the lower edge first).
+        tried = sorted(grid)
+        while True:
+            edge = best(tried)
+            if edge == tried[0] and min(tried) == min(grid):
+                tried.insert(0, SEQUENCE[SEQUENCE.index(edge) - 1])
+            elif edge == tried[-1] and max(tried) == max(grid):
+                tried.append(SEQUENCE[SEQUENCE.index(edge) + 1])
+            else:
+                break
+        assert sorted(first) == pytest.approx(tried)
         assert [r["learning_rate"] for r in runs if r["seed"] == 1] == [
             best(list(first))]
         for run in runs:
