@@ -121,24 +121,23 @@ class BNPMixin:
     def _scale_initially(self, scaling, x, sample_weight):
         """BNP's `initial_scaling` on `x`, with its one line printed when
         `fit` is verbose."""
-        if type(self).train_step is not BNPMixin.train_step:
-            scaling.bnp.initial_scales = {}
-            if scaling.verbose:
-                print(f"BNP: initial scaling skipped: {type(self).__name__} "
-                      "has its own train_step, whose losses and calls the "
-                      "scaling cannot see; call keras_bnp."
-                      "scale_to_unit_variance on a functional part of it "
-                      "before fit if you want it.")
-            return
         with self.distribute_strategy.scope():
-            if not self.built:
+            if not self.built and type(self).call is not keras.Model.call:
                 # Keras builds a model without a strategy in the first
                 # step's trace; built here, BNP tracks its layers before
                 # that step.
                 self(initialization.as_tensors(x), training=False)
                 self._build_bnp_state()
-            scales, line = initialization.initial_scaling(
-                self, x, sample_weight)
+            if type(self).train_step is BNPMixin.train_step:
+                scales, line = initialization.initial_scaling(
+                    self, x, sample_weight)
+            else:
+                scales, line = {}, (
+                    f"BNP: initial scaling skipped: {type(self).__name__} "
+                    "has its own train_step, whose losses and calls the "
+                    "scaling cannot see; to scale, call keras_bnp."
+                    "scale_to_unit_variance(network, inputs) on each "
+                    "functional network it calls, before fit.")
         scaling.bnp.initial_scales = scales
         if scaling.verbose:
             print(line)

@@ -124,9 +124,10 @@ def test_custom_step_skips_the_initial_scaling_and_says_so(capsys):
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(b, a)
     assert ("BNP: initial scaling skipped: NoCall has its own train_step, "
-            "whose losses and calls the scaling cannot see; call "
-            "keras_bnp.scale_to_unit_variance on a functional part of it "
-            "before fit if you want it.\n") in capsys.readouterr().out
+            "whose losses and calls the scaling cannot see; to scale, call "
+            "keras_bnp.scale_to_unit_variance(network, inputs) on each "
+            "functional network it calls, before fit.\n"
+            ) in capsys.readouterr().out
     mean, _ = model.optimizer.layer_statistics(model.net.layers[0])
     assert_allclose(mean, _running_mean(x), rtol=1e-5, atol=1e-4)
 
