@@ -371,9 +371,16 @@ class _Scored:
         return [self.train_tracker, self.score_tracker]
 
     def test_step(self, data):
-        x, _, _ = __import__("keras").utils.unpack_x_y_sample_weight(data)
+        import keras
+
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         self.score_tracker.update_state(self.score(x))
         return {"loss": self.score_tracker.result()}
+
+    def _logs(self, loss):
+        """`train_step`'s logs: the mean of `loss` over the epoch."""
+        self.train_tracker.update_state(loss)
+        return {"loss": self.train_tracker.result()}
 
 
 def _vae(train_size, seed):
@@ -432,8 +439,7 @@ def _vae(train_size, seed):
                 grads = tape.gradient(loss, self.trainable_weights)
                 self.optimizer.apply_gradients(
                     zip(grads, self.trainable_weights))
-            self.train_tracker.update_state(loss)
-            return {"loss": self.train_tracker.result()}
+            return self._logs(loss)
 
     return VAE(), None, _images(train_size, seed)
 
@@ -542,8 +548,7 @@ def _wgan_gp(train_size, seed, latent=64):
                 weights = self.generator.trainable_weights
                 self.g_optimizer.apply_gradients(
                     zip(tape.gradient(g_loss, weights), weights))
-            self.train_tracker.update_state(d_loss)
-            return {"loss": self.train_tracker.result()}
+            return self._logs(d_loss)
 
     return WGANGP(), None, _images(train_size, seed, low=-1.0)
 
