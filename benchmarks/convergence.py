@@ -16,8 +16,9 @@ moving averages used for validation, so Keras' BatchNorm runs at the rate
 tuned for momentum 0.9. Last, with `--variants`, BNP with other damping and
 statistics momentum (`VARIANTS`) runs at its tuned cosine rate. Finished
 runs are added to `results.json` in `--out-dir` and skipped when the command
-runs again (so it can be stopped, resumed, and split across processes that
-share the folder one after the other); `report.md` holds the tables.
+runs again, so it can be stopped and resumed; a study split across
+processes or machines by `--methods` (one output folder each) is reported
+as one with `--merge DIR ...`. `report.md` holds the tables.
 """
 
 import argparse
@@ -180,6 +181,14 @@ def _to_targets(rows, config):
     return "\n".join(lines)
 
 
+def _load(path):
+    """The runs recorded in `path`, if it exists."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.benchmark --convergence",
@@ -206,18 +215,22 @@ def main(argv=None):
                         "runs with the first")
     parser.add_argument("--variants", action="store_true",
                         help="also run BNP's VARIANTS")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                        help="also read the runs in these output folders "
+                        "(a study split by --methods across processes or "
+                        "machines), for the plan and the report")
     parser.add_argument("--report-only", action="store_true",
                         help="report the runs in --out-dir, running nothing")
     args = parser.parse_args(argv)
     config = {name: getattr(args, name) for name in DEFAULTS}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "results.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    merged = {}
+    for folder in args.merge:
+        merged.update(_load(os.path.join(folder, "results.json")))
+    results = _load(path)
     while not args.report_only and (
-            todo := plan(results, config, args.variants)):
+            todo := plan({**merged, **results}, config, args.variants)):
         method, schedule, rate, seed = todo[0]
         record = experiment.run(
             "bnp" if method in VARIANTS else method, config["batch_size"],
@@ -234,5 +247,5 @@ def main(argv=None):
         a for a in (argv if argv is not None else [])
         if a != "--report-only")
     with open(os.path.join(args.out_dir, "report.md"), "w") as f:
-        f.write(report(results, config, command.strip()))
+        f.write(report({**merged, **results}, config, command.strip()))
     print(f"Wrote {args.out_dir}/report.md")

@@ -117,3 +117,25 @@ def test_report_only_reproduces_the_report(tiny_study, monkeypatch):
                         lambda *a, **k: pytest.fail("ran"))
     convergence.main([*ARGS, "--out-dir", str(out), "--report-only"])
     assert (out / "report.md").read_text() == before
+
+
+def test_a_study_split_by_method_merges_into_the_same_report(
+        tiny_study, tmp_path, monkeypatch):
+    out, results = tiny_study
+    for method in RATES:  # as two processes, one per method, would write
+        folder = tmp_path / method
+        folder.mkdir()
+        part = {k: r for k, r in results.items() if k.split("/")[0] in (
+            method, "batchnorm" if method == "batchnorm90" else method)}
+        (folder / "results.json").write_text(json.dumps(part))
+    monkeypatch.setattr(convergence, "RATES", RATES)
+    monkeypatch.setattr(convergence.experiment, "run",
+                        lambda *a, **k: pytest.fail("ran"))
+    merged = tmp_path / "merged"
+    # Nothing left to run: the plan sees the merged runs.
+    convergence.main([*ARGS, "--out-dir", str(merged), "--merge",
+                      *(str(tmp_path / m) for m in RATES)])
+    tables = [(p / "report.md").read_text().split("\n", 4)[4]
+              for p in (out, merged)]
+    assert tables[0] == tables[1]
+    assert not (merged / "results.json").exists()
