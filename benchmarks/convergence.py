@@ -1,7 +1,7 @@
-"""BNP against normalization layers trained to convergence: by default
-the VGG-style network of the deep suite on the bundled MNIST sample (7000
-training images, 1000 held out), 8 epochs, SGD with momentum 0.9,
-validation accuracy after every epoch.
+"""BNP against normalization layers trained to convergence: by default the VGG-
+style network of the deep suite on the bundled MNIST sample (7000 training
+images, 1000 held out), 8 epochs, SGD with momentum 0.9, validation accuracy
+after every epoch.
 
     python -m benchmarks.benchmark --convergence --out-dir convergence_out
     python -m benchmarks.benchmark --convergence --batch-size 128 \\
@@ -13,12 +13,14 @@ up to two rates beyond the grid while the best is at its edge; the other
 seeds then run at that rate. BatchNorm with momentum 0.9 (PyTorch's default,
 `batchnorm90`) and 0.99 (Keras') train identically and differ only in the
 moving averages used for validation, so Keras' BatchNorm runs at the rate
-tuned for momentum 0.9. Last, with `--variants`, BNP with other damping and
-statistics momentum (`VARIANTS`) runs at its tuned cosine rate. Finished
+tuned for momentum 0.9. Where a seed fails at the tuned rate (diverges, or
+ends below half of the first seed's accuracy), the other seeds also run at
+the next lower rate tried. Last, with `--variants`, BNP with other damping
+and statistics momentum (`VARIANTS`) runs at its tuned cosine rate. Finished
 runs are added to `results.json` in `--out-dir` and skipped when the command
-runs again, so it can be stopped and resumed; a study split across
-processes or machines by `--methods` (one output folder each) is reported
-as one with `--merge DIR ...`. `report.md` holds the tables.
+runs again, so it can be stopped and resumed; a study split across processes
+or machines by `--methods` (one output folder each) is reported as one with
+`--merge DIR ...`. `report.md` holds the tables.
 """
 
 import argparse
@@ -97,17 +99,36 @@ def plan(results, config, variants):
     for schedule in schedules:
         for method in methods:
             rate = tuned_rate(results, method, schedule, first)
-            if rate is not None:
-                todo += [(method, schedule, rate, s) for s in others]
-    rate = tuned_rate(results, "batchnorm90", schedules[0], first)
-    if "batchnorm90" in methods and rate is not None:
+            if rate is None:
+                continue
+            todo += [(method, schedule, rate, s) for s in others]
+            if any(_failed(results, (method, schedule, rate, s), first)
+                   for s in others):
+                # How far from failing is the tuned rate: the other seeds
+                # also at the next lower rate tried.
+                lower = [r for r in rates_to_try(
+                    results, method, schedule, first) if r < rate]
+                if lower:
+                    todo += [(method, schedule, lower[-1], s)
+                             for s in others]
+    if "batchnorm90" in methods and (rate := tuned_rate(
+            results, "batchnorm90", schedules[0], first)) is not None:
         todo += [("batchnorm", schedules[0], rate, s)
                  for s in config["seeds"]]
-    rate = tuned_rate(results, "bnp", "cosine", first)
-    if variants and rate is not None:
+    if variants and (rate := tuned_rate(
+            results, "bnp", "cosine", first)) is not None:
         todo += [(variant, "cosine", rate, seed) for seed in config["seeds"]
                  for variant in VARIANTS]
     return [run for run in todo if _key(*run) not in results]
+
+
+def _failed(results, run, first):
+    """Whether `run` (method, schedule, rate, seed) diverged or ended below
+    half of the first seed's final accuracy at that rate."""
+    record = results.get(_key(*run))
+    reference = results[_key(*run[:3], first)]
+    return record is not None and (
+        record["diverged"] or _final(record) < 0.5 * _final(reference))
 
 
 def _mean_std(values):

@@ -56,6 +56,12 @@ def test_every_run_is_recorded_once_with_the_tuned_rate_for_seed_1(
             tried, best = _tuned(results, method, schedule)
             expected |= {f"{method}/{schedule}/{r}/0" for r in tried}
             expected.add(f"{method}/{schedule}/{best}/1")
+            other = results[f"{method}/{schedule}/{best}/1"]
+            if other["diverged"] or _accuracy(other, 3) < 0.5 * _accuracy(
+                    results[f"{method}/{schedule}/{best}/0"], 3):
+                lower = [r for r in tried if r < best]
+                if lower:  # seed 1 also at the next lower rate
+                    expected.add(f"{method}/{schedule}/{lower[-1]}/1")
             if (method, schedule) == ("batchnorm90", "cosine"):
                 expected |= {f"batchnorm/cosine/{best}/{s}" for s in (0, 1)}
     assert set(results) == expected
@@ -139,3 +145,26 @@ def test_a_study_split_by_method_merges_into_the_same_report(
               for p in (out, merged)]
     assert tables[0] == tables[1]
     assert not (merged / "results.json").exists()
+
+
+def test_a_seed_failing_at_the_tuned_rate_adds_the_next_lower_rate(
+        monkeypatch):
+    monkeypatch.setattr(convergence, "RATES", {"bnp": (0.003, 0.01, 0.03)})
+
+    def record(accuracy, diverged=False):
+        return {"progress": [[1, 1.0, accuracy]], "diverged": diverged}
+
+    config = {**convergence.DEFAULTS, "methods": ["bnp"],
+              "schedules": ["cosine"]}
+    results = {"bnp/cosine/0.003/0": record(0.97),
+               "bnp/cosine/0.01/0": record(0.98),  # the tuned rate
+               "bnp/cosine/0.03/0": record(0.10, diverged=True),
+               "bnp/cosine/0.01/1": record(0.98)}
+    assert convergence.plan(results, config, False) == [
+        ("bnp", "cosine", 0.01, 2)]
+    # Seed 2 ends at 0.12, below half of seed 0's 0.98 (no NaN needed).
+    results["bnp/cosine/0.01/2"] = record(0.12)
+    assert convergence.plan(results, config, False) == [
+        ("bnp", "cosine", 0.003, 1), ("bnp", "cosine", 0.003, 2)]
+    results["bnp/cosine/0.01/2"] = record(0.50)  # above half: no failure
+    assert convergence.plan(results, config, False) == []
