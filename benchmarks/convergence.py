@@ -1,7 +1,7 @@
-"""BNP against normalization layers trained to convergence: by default the VGG-
-style network of the deep suite on the bundled MNIST sample (7000 training
-images, 1000 held out), 8 epochs, SGD with momentum 0.9, validation accuracy
-after every epoch.
+"""BNP against normalization layers trained to convergence: by default
+the VGG-style network of the deep suite on the bundled MNIST sample (7000
+training images, 1000 held out), 8 epochs, SGD with momentum 0.9,
+validation accuracy after every epoch.
 
     python -m benchmarks.benchmark --convergence --out-dir convergence_out
     python -m benchmarks.benchmark --convergence --batch-size 128 \\
@@ -93,24 +93,22 @@ def plan(results, config, variants):
     `VARIANTS`."""
     first, *others = config["seeds"]
     methods, schedules = config["methods"], config["schedules"]
-    todo = [(method, schedule, r, first) for schedule in schedules
-            for method in methods
-            for r in rates_to_try(results, method, schedule, first)]
-    for schedule in schedules:
-        for method in methods:
-            rate = tuned_rate(results, method, schedule, first)
-            if rate is None:
-                continue
-            todo += [(method, schedule, rate, s) for s in others]
-            if any(_failed(results, (method, schedule, rate, s), first)
-                   for s in others):
-                # How far from failing is the tuned rate: the other seeds
-                # also at the next lower rate tried.
-                lower = [r for r in rates_to_try(
-                    results, method, schedule, first) if r < rate]
-                if lower:
-                    todo += [(method, schedule, lower[-1], s)
-                             for s in others]
+    tried = {(method, schedule): rates_to_try(results, method, schedule,
+                                              first)
+             for schedule in schedules for method in methods}
+    todo = [(method, schedule, r, first)
+            for (method, schedule), rates in tried.items() for r in rates]
+    for (method, schedule), rates in tried.items():
+        rate = _best(results, method, schedule, first, rates)
+        if rate is None:
+            continue
+        todo += [(method, schedule, rate, s) for s in others]
+        lower = [r for r in rates if r < rate]
+        if lower and any(_failed(results, (method, schedule, rate, s), first)
+                         for s in others):
+            # How far from failing is the tuned rate: the other seeds also
+            # at the next lower rate tried.
+            todo += [(method, schedule, lower[-1], s) for s in others]
     if "batchnorm90" in methods and (rate := tuned_rate(
             results, "batchnorm90", schedules[0], first)) is not None:
         todo += [("batchnorm", schedules[0], rate, s)

@@ -656,14 +656,18 @@ def _score(record):
         else value
 
 
+def _tuning_runs(results, name, method, tune_seed, config):
+    """The runs of `name` with `method` on `tune_seed` in `config`."""
+    return [r for r in results if (
+        r["model"], r["method"], r["seed"], r["train_size"], r["epochs"]) == (
+        name, method, tune_seed, config["train_size"], config["epochs"])]
+
+
 def tuned_rate(results, name, method, tune_seed, config):
     """The learning rate with the lowest final validation loss on
     `tune_seed` in `config`'s runs (ties: the smaller rate)."""
-    runs = [r for r in results if (
-        r["model"], r["method"], r["seed"], r["train_size"], r["epochs"]) == (
-        name, method, tune_seed, config["train_size"], config["epochs"])]
-    return min(runs, key=lambda r: (_score(r), r["learning_rate"]))[
-        "learning_rate"]
+    return min(_tuning_runs(results, name, method, tune_seed, config),
+               key=lambda r: (_score(r), r["learning_rate"]))["learning_rate"]
 
 
 def grid(name, method):
@@ -728,10 +732,8 @@ def summary(config, results):
                 name, method, rate) and r["seed"] in config["seeds"]
                 and r["epochs"] == config["epochs"]
                 and r["train_size"] == config["train_size"]]
-            tried = [r["learning_rate"] for r in results if (
-                r["model"], r["method"], r["seed"], r["train_size"],
-                r["epochs"]) == (name, method, first, config["train_size"],
-                                 config["epochs"])]
+            tried = [r["learning_rate"] for r in _tuning_runs(
+                results, name, method, first, config)]
             test = np.array([r["test_loss"] for r in runs], "float64")
             table[name][method] = {
                 "learning_rate": rate,
